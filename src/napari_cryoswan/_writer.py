@@ -1,0 +1,27 @@
+"""napari writer: an image layer as an MRC map that keeps its voxel size and origin."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .io import write_map
+
+
+def write_mrc(path: str, data, meta: dict) -> list[str]:
+    """Save one 3-D image layer. The layer's scale is the voxel size, its translate the origin.
+
+    napari's Save dialog has already asked before replacing an existing file, so this writer
+    overwrites; the core ``write_map`` refuses to unless told to.
+    """
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise ValueError(f"Only 3-D image layers can be saved as MRC maps (this one is {data.ndim}-D).")
+    # A map read without a voxel size is shown at 1 per voxel; keep it unknown in the file.
+    voxel_known = meta.get("metadata", {}).get("voxel_size_known", True)
+    scale = tuple(meta.get("scale", (1.0, 1.0, 1.0))) if voxel_known else None
+    translate = meta.get("translate", (0.0, 0.0, 0.0))
+    name = meta.get("name", "layer")
+    written = write_map(
+        path, data, scale, tuple(translate), overwrite=True, label=f"napari-cryoswan: {name}"
+    )
+    return [str(written)]

@@ -1,0 +1,343 @@
+"""Read and write cryo-EM maps (MRC/CCP4, optionally gzipped).
+
+Everything past this module sees a map as a ``DensityMap``: float32 data indexed (z, y, x), a
+voxel size and an origin in Å, also in (z, y, x), which is the order napari's ``scale`` and
+``translate`` take. mrcfile reports voxel size and origin in (x, y, z) and the data in file order
+(section, row, column); the MAPC/MAPR/MAPS header fields say which of x, y, z each file axis is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+MAP_SUFFIXES = (".mrc", ".map", ".ccp4", ".mrc.gz", ".map.gz", ".ccp4.gz")
+# Density modes: int8, int16, float32, uint16, float16. 3 and 4 are complex (Fourier) data.
+SUPPORTED_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+COMPLEX_MODES = (3, 4)
+# 1024³ float32 voxels are 4 GiB; the preprocessing FFT needs as much again.
+DEFAULT_MAX_VOXELS = 1024**3
+_AXIS_NAMES = {1: "x", 2: "y", 3: "z"}
+
+
+class MapReadError(ValueError):
+    """A file that is not a readable 3-D density map. The message says what to do."""
+
+
+class MissingVoxelSizeWarning(UserWarning):
+    """The header gives no voxel size, so distances in this map mean nothing until one is set."""
+
+
+class NonFiniteValuesWarning(UserWarning):
+    """The map holds NaN or Inf values; they were replaced by zero."""
+
+
+@dataclass(frozen=True)
+class DensityMap:
+    """A 3-D density with its geometry.
+
+    Attributes:
+        data: float32 array indexed (z, y, x).
+        voxel_size: Å per voxel along (z, y, x), or None when the file does not say.
+        origin: position in Å of voxel (0, 0, 0), in (z, y, x).
+        header: the header fields a user needs (JSON-friendly values).
+    """
+
+    data: np.ndarray
+    voxel_size: tuple[float, float, float] | None
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    header: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.data.shape)
+
+    def with_data(self, data: np.ndarray, **changes) -> DensityMap:
+        """A copy that holds new data (and optionally new geometry)."""
+        return replace(self, data=data, **changes)
+
+
+def is_map_path(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(MAP_SUFFIXES)
+
+
+def emdb_id_from(path: str | os.PathLike, labels: list[str] = ()) -> str | None:
+    """EMDB accession ('EMD-3197') from the file name or the header labels, if there is one."""
+    for text in (Path(path).name, *labels):
+        match = re.search(r"emd[_-](\d{4,})", text, flags=re.IGNORECASE)
+        if match:
+            return f"EMD-{match.group(1)}"
+    return None
+
+
+def read_map(
+    path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS
+) -> DensityMap:
+    """Read an MRC/CCP4 map (.mrc, .map, .ccp4, optionally .gz) into a ``DensityMap``.
+
+    Raises:
+        MapReadError: the file is missing, not MRC, truncated, complex, 2-D, a stack, or too big.
+    Warns:
+        MissingVoxelSizeWarning: the header's voxel size is zero; ``voxel_size`` is then None.
+        NonFiniteValuesWarning: NaN/Inf voxels were found and set to 0 (their count is in header).
+    """
+    import mrcfile
+
+    path = Path(path)
+    header = read_header(path, max_voxels=max_voxels)
+    try:
+        with mrcfile.open(path, mode="r", permissive=False) as mrc:
+            raw = np.asarray(mrc.data)
+    except (ValueError, OSError, EOFError) as err:
+        raise MapReadError(
+            f"{path}: the data block could not be read ({err}). The file is probably truncated "
+            "or corrupt: download or export it again."
+        ) from err
+    if raw is None or raw.ndim != 3:
+        raise MapReadError(f"{path}: the header promises a volume but no 3-D data was found.")
+
+    data = _to_zyx(raw, header["axis_order"]).astype(np.float32, copy=True)
+    data = _replace_nonfinite(data, path, header)
+    header.update(_statistics(data))
+    return DensityMap(
+        data=data,
+        voxel_size=header["voxel_size"],
+        origin=header["origin"],
+        header=header,
+    )
+
+
+def read_header(path: str | os.PathLike, *, max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
+    """Read and check a map's header without its data: cheap, so readers can test files with it.
+
+    Returns the header fields as a JSON-friendly dict, geometry in (z, y, x) order.
+    Raises ``MapReadError`` for anything that is not a readable 3-D density volume.
+    """
+    import mrcfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise MapReadError(f"{path}: no such file.")
+    try:
+        with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
+            h = mrc.header.copy()
+            voxel_xyz = mrc.voxel_size
+    except (ValueError, OSError, EOFError) as err:
+        raise MapReadError(
+            f"{path}: not a readable MRC/CCP4 map ({err}). Open a density map in MRC format "
+            "(.mrc, .map, .ccp4, optionally gzipped)."
+        ) from err
+
+    mode = int(h.mode)
+    if mode in COMPLEX_MODES:
+        raise MapReadError(
+            f"{path}: MRC mode {mode} holds complex (Fourier-space) data, not a real-space density. "
+            "Transform it back to real space first."
+        )
+    if mode not in SUPPORTED_MODES:
+        raise MapReadError(f"{path}: MRC mode {mode} is not a density mode this reader supports "
+                           f"({', '.join(f'{k} ({v})' for k, v in SUPPORTED_MODES.items())}).")
+    shape_crs = (int(h.nx), int(h.ny), int(h.nz))  # columns, rows, sections
+    _refuse_images_and_stacks(path, shape_crs, int(h.ispg))
+    n_voxels = int(np.prod(shape_crs))
+    if n_voxels > max_voxels:
+        raise MapReadError(
+            f"{path}: the map has {n_voxels:,} voxels ({'×'.join(map(str, shape_crs))}), more than "
+            f"the limit of {max_voxels:,}. Bin or crop it first (e.g. relion_image_handler "
+            "--rescale_angpix, or ChimeraX 'volume resample'), or raise max_voxels."
+        )
+    _check_file_size(path, h, n_voxels)
+
+    axis_order = (int(h.mapc), int(h.mapr), int(h.maps))
+    if sorted(axis_order) != [1, 2, 3]:
+        raise MapReadError(
+            f"{path}: MAPC/MAPR/MAPS = {axis_order} is not a permutation of (1, 2, 3). "
+            "The header is corrupt."
+        )
+    voxel_zyx = tuple(round(float(v), 6) for v in (voxel_xyz.z, voxel_xyz.y, voxel_xyz.x))
+    voxel_size = _checked_voxel_size(path, voxel_zyx)
+    labels = [
+        bytes(label).decode("ascii", "replace").strip()
+        for label in h.label[: int(h.nlabl)]
+    ]
+    return {
+        "source_path": str(path),
+        "emdb_id": emdb_id_from(path, labels),
+        "mode": mode,
+        "dtype": SUPPORTED_MODES[mode],
+        "voxel_size": voxel_size,
+        "origin": _origin_zyx(h, axis_order, voxel_size),
+        "axis_order": axis_order,
+        "axis_order_names": "".join(_AXIS_NAMES[a] for a in axis_order),
+        "shape_zyx": _to_zyx_shape(shape_crs, axis_order),
+        "space_group": int(h.ispg),
+        "cell_angstrom_xyz": tuple(float(c) for c in (h.cella.x, h.cella.y, h.cella.z)),
+        "header_dmin": float(h.dmin),
+        "header_dmax": float(h.dmax),
+        "header_dmean": float(h.dmean),
+        "header_rms": float(h.rms),
+        "labels": labels,
+    }
+
+
+def write_map(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    voxel_size: tuple[float, float, float] | float | None,
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    *,
+    overwrite: bool = False,
+    label: str | None = None,
+) -> Path:
+    """Write a (z, y, x) volume as a float32 MRC file, atomically.
+
+    The file is written beside its destination under a temporary name and renamed into place, so
+    a failure (a full disk, a crash) never leaves a half-written map, nor touches an existing one.
+    ``voxel_size`` and ``origin`` are in Å, (z, y, x). A voxel size of None is written as 0, the
+    format's "unknown", so a map that never had one does not gain an invented one. A ``.gz``
+    suffix writes a gzipped map.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        ValueError: data is not 3-D, or the voxel size is not positive.
+    """
+    import mrcfile
+
+    path = Path(path)
+    data = np.asarray(data)
+    if data.ndim != 3:
+        raise ValueError(f"Only 3-D volumes can be saved as maps; got shape {data.shape}.")
+    voxel_zyx = np.broadcast_to(np.asarray(voxel_size or 0.0, dtype=float), (3,))
+    if voxel_size is not None and not np.all(voxel_zyx > 0):
+        raise ValueError(f"The voxel size must be positive, got {tuple(voxel_zyx)} Å.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists. Choose another name, or pass overwrite=True.")
+
+    compression = "gzip" if path.name.lower().endswith(".gz") else None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with mrcfile.new(tmp_name, overwrite=True, compression=compression) as mrc:
+            mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
+            mrc.voxel_size = tuple(voxel_zyx[::-1])
+            mrc.header.origin = tuple(float(o) for o in np.asarray(origin, dtype=float)[::-1])
+            mrc.update_header_stats()
+            if label:
+                mrc.add_label(label[:80])
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_density_map(path: str | os.PathLike, density: DensityMap, **kwargs) -> Path:
+    """``write_map`` for a ``DensityMap``."""
+    return write_map(path, density.data, density.voxel_size, density.origin, **kwargs)
+
+
+def _refuse_images_and_stacks(path: Path, shape_crs, space_group: int) -> None:
+    # MRC2014: space group 0 is an image or image stack, 401-630 a stack of volumes.
+    if min(shape_crs) < 2:
+        kind = "a 2-D image"
+    elif space_group == 0:
+        kind = "an image stack (space group 0)"
+    elif space_group >= 401:
+        kind = f"a stack of volumes (space group {space_group})"
+    else:
+        return
+    raise MapReadError(
+        f"{path}: this is {kind}, nx, ny, nz = {shape_crs}, not a single 3-D density volume. "
+        "Open a reconstructed map; if this file really is one volume, set its space group to 1 "
+        "(e.g. mrcfile: mrc.header.ispg = 1)."
+    )
+
+
+def _checked_voxel_size(path: Path, voxel_zyx: tuple[float, float, float]):
+    if all(np.isfinite(v) and v > 0 for v in voxel_zyx):
+        return voxel_zyx
+    message = (
+        f"{path}: the header gives no usable voxel size ({voxel_zyx} Å in z, y, x). Distances, "
+        "resolutions and resampling are meaningless until you set it: take it from the EMDB "
+        "entry or the processing software."
+    )
+    logger.warning(message)
+    warnings.warn(message, MissingVoxelSizeWarning, stacklevel=3)
+    return None
+
+
+def _origin_zyx(h, axis_order, voxel_zyx) -> tuple[float, float, float]:
+    """The position of voxel (0, 0, 0) in Å, (z, y, x).
+
+    MRC2014 files carry it in ORIGIN; older (CCP4-style) files carry it as NCSTART/NRSTART/
+    NSSTART in voxels, in column/row/section order. Like ChimeraX, ORIGIN wins when it is set.
+    """
+    origin_xyz = np.array([h.origin.x, h.origin.y, h.origin.z], dtype=float)
+    if np.any(origin_xyz != 0) or voxel_zyx is None:
+        return tuple(round(float(o), 4) for o in origin_xyz[::-1])
+    start_crs = (int(h.nxstart), int(h.nystart), int(h.nzstart))
+    start_xyz = [0, 0, 0]
+    for start, axis in zip(start_crs, axis_order):
+        start_xyz[axis - 1] = start
+    return tuple(round(s * v, 4) for s, v in zip(start_xyz[::-1], voxel_zyx))
+
+
+def _to_zyx(data_src: np.ndarray, axis_order: tuple[int, int, int]) -> np.ndarray:
+    """Reorder a file-order (section, row, column) array to (z, y, x)."""
+    labels = (axis_order[2], axis_order[1], axis_order[0])  # the physical axis of each array axis
+    return np.transpose(data_src, (labels.index(3), labels.index(2), labels.index(1)))
+
+
+def _to_zyx_shape(shape_crs, axis_order) -> tuple[int, int, int]:
+    size = {axis: n for n, axis in zip(shape_crs, axis_order)}
+    return (size[3], size[2], size[1])
+
+
+def _check_file_size(path: Path, h, n_voxels: int) -> None:
+    """Catch truncation of an uncompressed file from its size alone, before reading the data."""
+    if path.name.lower().endswith(".gz"):
+        return
+    item_size = np.dtype(SUPPORTED_MODES[int(h.mode)]).itemsize
+    expected = 1024 + int(h.nsymbt) + n_voxels * item_size
+    actual = path.stat().st_size
+    if actual < expected:
+        raise MapReadError(
+            f"{path}: the file is truncated: {actual:,} bytes where the header promises "
+            f"{expected:,}. Download or export it again."
+        )
+
+
+def _replace_nonfinite(data: np.ndarray, path: Path, header: dict) -> np.ndarray:
+    bad = ~np.isfinite(data)
+    n_bad = int(bad.sum())
+    header["nonfinite_voxels"] = n_bad
+    if n_bad == 0:
+        return data
+    if n_bad == data.size:
+        raise MapReadError(f"{path}: every voxel is NaN or Inf; there is no density to show.")
+    message = (
+        f"{path}: {n_bad:,} of {data.size:,} voxels are NaN or Inf; they were set to 0. "
+        "Check the map in the software that made it."
+    )
+    logger.warning(message)
+    warnings.warn(message, NonFiniteValuesWarning, stacklevel=3)
+    data[bad] = 0.0
+    return data
+
+
+def _statistics(data: np.ndarray) -> dict:
+    return {
+        "min": float(data.min()),
+        "max": float(data.max()),
+        "mean": float(data.mean()),
+        "std": float(data.std()),
+    }

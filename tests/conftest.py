@@ -1,0 +1,37 @@
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    return DATA
+
+
+def write_raw_mrc(path, data_file_order, *, voxel_xyz=(2.0, 2.0, 2.0), axis_order=(1, 2, 3),
+                  origin_xyz=(0.0, 0.0, 0.0), start_crs=(0, 0, 0), space_group=1, compression=None):
+    """Write an MRC file exactly as given (file order: sections, rows, columns), bypassing io.py."""
+    with mrcfile.new(path, overwrite=True, compression=compression) as mrc:
+        mrc.set_data(data_file_order)
+        h = mrc.header
+        h.mapc, h.mapr, h.maps = axis_order
+        # mx/my/mz and the cell are per physical axis x, y, z
+        size_crs = (h.nx, h.ny, h.nz)
+        size_xyz = [0, 0, 0]
+        for n, axis in zip(size_crs, axis_order):
+            size_xyz[axis - 1] = int(n)
+        h.mx, h.my, h.mz = size_xyz
+        h.cella = tuple(float(n * v) for n, v in zip(size_xyz, voxel_xyz))
+        h.origin = origin_xyz
+        h.nxstart, h.nystart, h.nzstart = start_crs
+        h.ispg = space_group
+    return Path(path)
+
+
+@pytest.fixture
+def raw_mrc():
+    return write_raw_mrc
