@@ -35,3 +35,36 @@ def write_raw_mrc(path, data_file_order, *, voxel_xyz=(2.0, 2.0, 2.0), axis_orde
 @pytest.fixture
 def raw_mrc():
     return write_raw_mrc
+
+
+@pytest.fixture(scope="session")
+def small_checkpoints(tmp_path_factory):
+    """Untrained small Cryo-SWAN (RQ1+RQ2) and RQ1-only checkpoints, seeded."""
+    import torch
+
+    from napari_cryoswan.checkpoint import save_checkpoint
+    from napari_cryoswan.models.registry import build_model
+
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = {}
+    for name in ("swan", "swan-rq1"):
+        torch.manual_seed(0)
+        paths[name] = save_checkpoint(folder / f"{name}.pt", build_model(name, preset="small"),
+                                      {"note": "untrained test model"})
+    return paths
+
+
+def blob_map(shape=(40, 50, 36), voxel=(2.5, 2.5, 2.5), origin=(10.0, -20.0, 5.0)):
+    """A non-cubic test map: two Gaussian blobs of different size, off-centre."""
+    from napari_cryoswan.io import DensityMap
+
+    grid = np.indices(shape).astype(np.float32)
+    centre = np.array(shape)[:, None, None, None] / 2
+    blob = np.exp(-((grid - centre - 3) ** 2).sum(0) / 30.0)
+    blob += 0.5 * np.exp(-((grid - centre + 6) ** 2).sum(0) / 12.0)
+    return DensityMap(blob.astype(np.float32), voxel, origin)
+
+
+@pytest.fixture
+def make_blob_map():
+    return blob_map

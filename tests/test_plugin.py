@@ -126,8 +126,10 @@ def test_main_command_opens_the_sample_in_3d(monkeypatch, qtbot):
         viewer = napari.current_viewer()
         shown["layers"] = [layer.name for layer in viewer.layers]
         shown["ndisplay"] = viewer.dims.ndisplay
+        shown["docks"] = set(viewer.window.dock_widgets)
         viewer.close()
 
     monkeypatch.setattr(napari, "run", fake_run)
     main([])
-    assert shown == {"layers": ["4JSV simulated (8 Å, 4 Å/voxel)"], "ndisplay": 3}
+    assert shown["layers"] == ["4JSV simulated (8 Å, 4 Å/voxel)"] and shown["ndisplay"] == 3
+    assert {"Reconstruct (Cryo-SWAN) (napari-cryoswan)", "FSC plot (napari-cryoswan)"} <= shown["docks"]

@@ -1,4 +1,5 @@
-"""``python -m napari_cryoswan [maps...]``: napari with the plugin and a sample map, in 3-D."""
+"""``python -m napari_cryoswan [maps...]``: napari with the plugin's widgets docked, a sample
+map in 3-D, and the bundled Cryo-SWAN checkpoints selected, ready to reconstruct."""
 
 import argparse
 
@@ -18,6 +19,8 @@ def main(argv=None) -> None:
     for path in args.maps:
         viewer.open(path, plugin="napari-cryoswan")
     viewer.dims.ndisplay = 3
+    for widget in ("Reconstruct (Cryo-SWAN)", "FSC plot"):
+        viewer.window.add_plugin_dock_widget("napari-cryoswan", widget)
     napari.run()
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from .io import DensityMap, MapReadError, is_map_path, read_header, read_map
+from .io import MapReadError, is_map_path, read_header, read_map
+from .layers import density_layer_data
 
 logger = logging.getLogger(__name__)
 
@@ -32,22 +33,6 @@ def read_density_layers(path):
     density = read_map(path)
     name = density.header.get("emdb_id") or _stem(path)
     return [density_layer_data(density, name)]
-
-
-def density_layer_data(density: DensityMap, name: str) -> tuple:
-    """A napari LayerData tuple that places the map in Å, with its header in the metadata."""
-    voxel_known = density.voxel_size is not None
-    metadata = dict(density.header)
-    metadata["voxel_size_known"] = voxel_known
-    kwargs = {
-        "name": name,
-        "scale": density.voxel_size if voxel_known else (1.0, 1.0, 1.0),
-        "translate": density.origin,
-        "units": ("angstrom",) * 3 if voxel_known else ("pixel",) * 3,
-        "metadata": metadata,
-        "colormap": "gray",
-    }
-    return (density.data, kwargs, "image")
 
 
 def _stem(path: str) -> str:

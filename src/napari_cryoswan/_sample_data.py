@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from importlib.resources import as_file, files
 
-from ._reader import density_layer_data
+from .layers import density_layer_data
 
 SAMPLE_STRUCTURE = "4JSV.pdb.gz"  # mTOR kinase–mLST8, 294 kDa (PDB 4JSV)
 SAMPLE_MAP = "emd_3197.map.gz"  # EMD-3197, a subtomogram average at 11.4 Å/voxel
@@ -26,5 +26,4 @@ def emd_3197():
 
     with as_file(files(__package__) / "data" / SAMPLE_MAP) as path:
         density = read_map(path)
-    density.header["source_path"] = f"bundled sample {SAMPLE_MAP}"
-    return [density_layer_data(density, "EMD-3197")]
+    return [density_layer_data(density, "EMD-3197", {"source_path": f"bundled sample {SAMPLE_MAP}"})]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .io import DensityMap
+
 FSC_THRESHOLDS = (0.5, 0.143)
 DEFAULT_BINARY_LEVEL_SIGMA = 1.0
 
@@ -34,6 +36,16 @@ class FSCCurve:
 
     def resolution(self, threshold: float) -> float:
         return fsc_resolution(self, threshold)
+
+    def to_dict(self) -> dict:
+        """Plain lists and the resolutions at the standard thresholds (for layer metadata)."""
+        return {
+            "frequency": self.frequency.tolist(),
+            "correlation": self.correlation.tolist(),
+            "box": self.box,
+            "voxel_size": self.voxel_size,
+            **{f"resolution_{t:g}": fsc_resolution(self, t) for t in FSC_THRESHOLDS},
+        }
 
 
 def fsc(a: np.ndarray, b: np.ndarray, voxel_size: float) -> FSCCurve:
@@ -78,6 +90,39 @@ def fsc(a: np.ndarray, b: np.ndarray, voxel_size: float) -> FSCCurve:
         box=n,
         voxel_size=float(voxel_size),
     )
+
+
+def fsc_between_maps(a: DensityMap, b: DensityMap) -> FSCCurve:
+    """FSC of two maps on the same voxel grid; a non-cubic grid is zero-padded to a cube.
+
+    Maps on different grids are refused: resampling one onto the other would change the
+    curve, so that choice is left to the user (reconstructions are already on their input's grid).
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"The maps have different shapes, {a.shape} and {b.shape}: FSC needs "
+                         "two maps on the same voxel grid.")
+    if a.voxel_size is None or b.voxel_size is None:
+        raise ValueError("FSC needs the voxel size of both maps, to put the curve in Å⁻¹.")
+    va, vb = np.asarray(a.voxel_size), np.asarray(b.voxel_size)
+    if not (np.allclose(va, vb, rtol=1e-4) and np.allclose(va, va[0], rtol=1e-4)):
+        raise ValueError(f"FSC needs the same isotropic voxel size for both maps; got "
+                         f"{a.voxel_size} and {b.voxel_size} Å.")
+    edge = max(a.shape)
+    return fsc(_pad_to_cube(a.data, edge), _pad_to_cube(b.data, edge), float(a.voxel_size[0]))
+
+
+def _pad_to_cube(data: np.ndarray, edge: int) -> np.ndarray:
+    return np.pad(data, [(0, edge - n) for n in data.shape])
+
+
+def fsc_curves_csv(curves: dict[str, dict]) -> str:
+    """CSV text of FSC curves given as ``FSCCurve.to_dict()`` dicts, keyed by label."""
+    lines = ["curve,frequency_per_angstrom,resolution_angstrom,fsc"]
+    for label, curve in curves.items():
+        for f, c in zip(curve["frequency"], curve["correlation"]):
+            resolution = f"{1 / f:.4f}" if f > 0 else "inf"
+            lines.append(f'"{label}",{f:.6f},{resolution},{c:.6f}')
+    return "\n".join(lines) + "\n"
 
 
 def fsc_resolution(curve: FSCCurve, threshold: float) -> float:
@@ -152,17 +197,23 @@ def f1(prediction: np.ndarray, target: np.ndarray, level: float | None = None) -
     return float(2 * np.logical_and(p, t).sum() / total) if total else 1.0
 
 
-def reconstruction_metrics(
-    prediction: np.ndarray, target: np.ndarray, voxel_size: float
-) -> dict[str, float]:
-    """Every Table 1 metric for one volume pair (see the module docstring for the definitions)."""
-    curve = fsc(prediction, target, voxel_size)
+def voxel_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """MSE, PSNR, SSIM, IoU and F1 of one volume pair (definitions in the module docstring)."""
     return {
         "mse": mse(prediction, target),
         "psnr": psnr(prediction, target),
         "ssim": ssim(prediction, target),
         "iou": iou(prediction, target),
         "f1": f1(prediction, target),
-        "fsc_0.5": fsc_resolution(curve, 0.5),
-        "fsc_0.143": fsc_resolution(curve, 0.143),
+    }
+
+
+def reconstruction_metrics(
+    prediction: np.ndarray, target: np.ndarray, voxel_size: float
+) -> dict[str, float]:
+    """Every Table 1 metric for one volume pair: ``voxel_metrics`` and the FSC resolutions."""
+    curve = fsc(prediction, target, voxel_size)
+    return {
+        **voxel_metrics(prediction, target),
+        **{f"fsc_{t:g}": fsc_resolution(curve, t) for t in FSC_THRESHOLDS},
     }

@@ -125,3 +125,99 @@ def _splat_trilinear(points_zyx: np.ndarray, weights: np.ndarray, box: int) -> n
         inside = np.all((index >= 0) & (index < box), axis=1)
         np.add.at(density, tuple(index[inside].T), w[inside])
     return density
+
+
+# --- Sub-assemblies: one complex, many distinct shapes -----------------------------------------
+
+CONTACT_DISTANCE = 4.5  # Å between any two atoms of two chains: a contact, as in interface tools
+# Two subsets whose mass and principal radii agree this closely are symmetry copies.
+SAME_SHAPE_TOLERANCE = 0.05
+
+
+def chain_contacts(atoms: Atoms, cutoff: float = CONTACT_DISTANCE) -> dict[str, set[str]]:
+    """The chain contact graph: each chain name maps to the chains that have an atom within
+    ``cutoff`` Å of one of its atoms."""
+    from scipy.spatial import cKDTree
+
+    names = list(dict.fromkeys(atoms.chain.tolist()))
+    xyz = {name: atoms.xyz[atoms.chain == name] for name in names}
+    trees = {name: cKDTree(xyz[name]) for name in names}
+    lo = {name: xyz[name].min(axis=0) - cutoff for name in names}
+    hi = {name: xyz[name].max(axis=0) + cutoff for name in names}
+    graph: dict[str, set[str]] = {name: set() for name in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if np.any(lo[a] > hi[b]) or np.any(lo[b] > hi[a]):
+                continue  # the boxes do not overlap: no contact possible
+            distance, _ = trees[b].query(xyz[a], k=1, distance_upper_bound=cutoff)
+            if np.isfinite(distance).any():
+                graph[a].add(b)
+                graph[b].add(a)
+    return graph
+
+
+def subassemblies(
+    atoms: Atoms,
+    max_count: int = 20,
+    max_chains: int = 6,
+    min_chains: int = 2,
+    cutoff: float = CONTACT_DISTANCE,
+    seed: int = 0,
+) -> list[Atoms]:
+    """Distinct sub-assemblies of a complex: connected sets of ``min_chains``…``max_chains``
+    chains in the contact graph, smaller than the whole complex.
+
+    Sets are grown from a random chain by adding random touching chains, so large complexes
+    give a varied sample instead of every set that contains the first chain. A set is kept
+    when it is new and its shape is not a symmetry copy of one already kept (same mass and
+    principal radii within 5 %). The result depends only on the structure and ``seed``.
+
+    Returns up to ``max_count`` ``Atoms``, named ``{name}-sub{k:02d}``, in the order found.
+    """
+    graph = chain_contacts(atoms, cutoff)
+    largest = min(max_chains, len(graph) - 1)
+    growable = sorted(name for name, touching in graph.items() if touching)
+    if largest < min_chains or not growable or max_count <= 0:
+        return []
+    rng = np.random.default_rng([seed, *atoms.name.encode()])
+    kept: list[Atoms] = []
+    seen: set[frozenset[str]] = set()
+    signatures: list[np.ndarray] = []
+    for _ in range(50 * max_count):  # bounded: small complexes run out of new sets
+        if len(kept) == max_count:
+            break
+        members = _grow_connected(graph, rng.choice(growable), rng.integers(min_chains, largest + 1), rng)
+        if len(members) < min_chains or members in seen:
+            continue
+        seen.add(members)
+        sub = atoms.subset(np.isin(atoms.chain, sorted(members)), f"{atoms.name}-sub{len(kept):02d}")
+        signature = shape_signature(sub)
+        if any(np.allclose(signature, s, rtol=SAME_SHAPE_TOLERANCE) for s in signatures):
+            continue
+        signatures.append(signature)
+        kept.append(sub)
+    return kept
+
+
+def shape_signature(atoms: Atoms) -> np.ndarray:
+    """Rotation-invariant shape summary: total weight and the three principal radii of gyration."""
+    weights = atoms.atomic_number
+    centred = atoms.xyz - np.average(atoms.xyz, axis=0, weights=weights)
+    gyration = (centred * weights[:, None]).T @ centred / weights.sum()
+    radii = np.sqrt(np.clip(np.linalg.eigvalsh(gyration), 0.0, None))
+    return np.concatenate([[weights.sum()], radii])
+
+
+def chain_names(atoms: Atoms) -> list[str]:
+    """The chains of ``atoms`` in file order."""
+    return list(dict.fromkeys(atoms.chain.tolist()))
+
+
+def _grow_connected(graph, start: str, size: int, rng: np.random.Generator) -> frozenset[str]:
+    members = [start]
+    frontier = set(graph[start])
+    while len(members) < size and frontier:
+        pick = rng.choice(sorted(frontier))
+        members.append(pick)
+        frontier = (frontier | graph[pick]) - set(members)
+    return frozenset(members)

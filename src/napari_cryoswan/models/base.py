@@ -1,0 +1,123 @@
+"""The one public API that Cryo-SWAN and every baseline follow.
+
+A model maps a batch of preprocessed volumes x (B, 1, 64, 64, 64; 4 Å voxels, z-scored) to
+codes and back. Codes are a dict from level name to a list of tensors, one per scale (or per
+residual step): integer index maps for the quantized models, continuous latent vectors for the
+VAEs. Everything else (training, the plugin, latent search) goes through this class only.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+Codes = dict[str, list[torch.Tensor]]
+
+
+@dataclass
+class Encoding:
+    """What `encode` returns.
+
+    - codes: level → per-scale codes; `decode_codes(codes)` rebuilds the reconstruction.
+    - latents: level → continuous encoder map before quantization (the posterior mean for VAEs).
+    - quantized: level → quantized map (VQ models only), for latent search and diffusion.
+    """
+
+    codes: Codes
+    latents: dict[str, torch.Tensor]
+    quantized: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class ModelOutput:
+    """What `forward` returns.
+
+    - recon: (B, 1, D, H, W) reconstruction.
+    - losses: always "total" and "recon" (voxel MSE); model-specific terms beside them
+      ("commit", "commit/<level>", "kl", …).
+    - codes: as in :class:`Encoding`.
+    - levels: level → named tensors of that level ("latent", "quantized", "decoded", …).
+    """
+
+    recon: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    codes: Codes
+    levels: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+
+class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
+    """Base class: subclasses implement `forward`, `encode` and `decode_codes`.
+
+    `config` is the dataclass the model was built from and `name` its registry name, so
+    ``registry.build_from_config(model.config_dict())`` rebuilds the architecture.
+    """
+
+    name: str = ""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def config_dict(self) -> dict:
+        """{"name": registry name, **config fields}: all a checkpoint needs to rebuild the model."""
+        return {"name": self.name, **dataclasses.asdict(self.config)}
+
+    @abc.abstractmethod
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        """Reconstruction, losses, codes and per-level tensors. Shape: x (B, 1, D, H, W)."""
+
+    @abc.abstractmethod
+    def encode(self, x: torch.Tensor) -> Encoding:
+        """Codes and continuous latents of x (deterministic in eval mode)."""
+
+    @abc.abstractmethod
+    def decode_codes(self, codes: Codes) -> torch.Tensor:
+        """Reconstruction (B, 1, D, H, W) from codes as `encode` returns them."""
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction (evaluation mode, no autograd). Shape: like x."""
+        with _evaluating(self), torch.inference_mode():
+            return self(x).recon
+
+    def level_reconstructions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstructions named by the levels they use (Cryo-SWAN: {"RQ1+RQ2": …}).
+
+        Shape: each like x."""
+        return {self.name: self.reconstruct(x)}
+
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training objective: (total, every term detached)."""
+        losses = self(x).losses
+        return losses["total"], {key: value.detach() for key, value in losses.items()}
+
+    def codebooks(self) -> dict[str, nn.Module]:
+        """Level name → codebook; empty for the continuous VAEs."""
+        return {}
+
+    def codebook_usage(self) -> dict[str, dict[str, float]]:
+        """Per-level usage since `reset_usage()`: fraction of codes used, perplexity, dead codes.
+
+        Call `reset_usage()`, run a validation pass, then read this."""
+        return {level: book.usage() for level, book in self.codebooks().items()}
+
+    def reset_usage(self) -> None:
+        for book in self.codebooks().values():
+            book.reset_usage()
+
+
+class _evaluating:
+    """Put a module in eval mode for a block, then restore its previous mode."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)

@@ -1,0 +1,1 @@
+"""Dock widgets: thin views over the core functions, one module per widget."""

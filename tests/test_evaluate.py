@@ -1,0 +1,75 @@
+"""python -m training.evaluate: the Table 1 report, its plots and the RQ1 ablation."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_cryoswan.checkpoint import load_checkpoint
+from napari_cryoswan.engine import reconstruct
+from napari_cryoswan.metrics import fsc, fsc_resolution, voxel_metrics
+from training.corpus import Corpus
+from training.evaluate import main
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "eval"
+    subprocess.run([sys.executable, "-m", "training.build_corpus", "--out", str(out),
+                    "--structures", str(ROOT / "tests/data/structures"), "--rotations", "2",
+                    "--split", "0.34", "0.33", "0.33", "--quiet"], check=True)
+    return out
+
+
+def test_report_on_a_corpus_split(corpus, small_checkpoints, tmp_path):
+    out = tmp_path / "report"
+    paths = [str(small_checkpoints["swan"]), str(small_checkpoints["swan-rq1"])]
+    assert main(["--checkpoints", *paths, "--corpus", str(corpus), "--split", "test",
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.json",
+                                               "fsc.png", "codebook_usage.png"}
+    markdown = (out / "report.md").read_text()
+    for column in ("MSE ↓", "PSNR ↑", "SSIM ↑", "IOU ↑", "F1 ↑", "FSC 0.5 (Å) ↓", "FSC 0.143 (Å) ↓"):
+        assert column in markdown
+    assert "binarise" in markdown and "Ablation: RQ1 alone versus RQ1+RQ2" in markdown
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert [r["model"] for r in rows] == ["swan (RQ1+RQ2)", "swan-rq1 (RQ1)"]
+
+    # the numbers are what the metrics module gives for these reconstructions
+    data = Corpus(corpus)
+    volumes = data.load_batch(data.split_indices("test"))
+    recon = reconstruct(load_checkpoint(paths[0]).model, volumes)["RQ1+RQ2"]
+    psnr = np.mean([voxel_metrics(p, t)["psnr"] for p, t in zip(recon, volumes)])
+    mean_curve = np.mean([fsc(p, t, 4.0).correlation for p, t in zip(recon, volumes)], axis=0)
+    curve = fsc(recon[0], volumes[0], 4.0)
+    curve = type(curve)(curve.shell, curve.frequency, mean_curve, curve.n_voxels, 64, 4.0)
+    assert float(rows[0]["psnr"]) == pytest.approx(psnr, rel=1e-4)
+    assert float(rows[0]["fsc_0.5"]) == pytest.approx(fsc_resolution(curve, 0.5), rel=1e-4)
+
+    report = json.loads((out / "report.json").read_text())
+    assert "binarisation" in report and report["results"][0]["codebook_usage"]["rq1"]["size"] == 128
+    assert len(report["results"][0]["fsc_mean"]) == 33
+
+
+def test_report_on_a_folder_of_maps(small_checkpoints, tmp_path, data_dir):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    shutil.copy(data_dir / "emd_3197.map.gz", maps)
+    out = tmp_path / "report"
+    assert main(["--checkpoints", str(small_checkpoints["swan"]), "--maps", str(maps),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    assert "1 maps from" in (out / "report.md").read_text()
+
+
+def test_bad_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    assert main(["--checkpoints", str(bad), "--corpus", str(corpus), "--out", str(tmp_path / "r")]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err

@@ -1,0 +1,133 @@
+"""python -m training.train: a short fit, resume after a kill, reproducibility, torchrun."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import training.train as train_module
+from napari_cryoswan.checkpoint import load_checkpoint
+from training.train import RunFolderError, TrainSettings, parse_args, train
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """Three real structures, simulated, three rotations each: one entry per split."""
+    out = tmp_path_factory.mktemp("corpus") / "tiny"
+    subprocess.run([sys.executable, "-m", "training.build_corpus", "--out", str(out),
+                    "--structures", str(ROOT / "tests/data/structures"), "--rotations", "3",
+                    "--split", "0.34", "0.33", "0.33", "--quiet"], check=True)
+    return out
+
+
+def settings(corpus, out, **changes) -> TrainSettings:
+    base = TrainSettings(model="swan", corpus=str(corpus), out=str(out), preset="small", steps=6,
+                         batch_size=2, val_every=3, checkpoint_every=3, device="cpu", seed=3)
+    return replace(base, **changes)
+
+
+def state(path):
+    return load_checkpoint(path).model.state_dict()
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_short_run_writes_checkpoints_and_logs(tiny_corpus, tmp_path):
+    final = train(settings(tiny_corpus, tmp_path / "run"), progress=False)
+    run = tmp_path / "run"
+    assert final == run / "model.pt"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "train_log.csv", "validation.jsonl",
+                                               "last.pt", "best.pt", "model.pt"}
+    rows = list(csv.DictReader(open(run / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(float(r["loss"]) > 0 and float(r["volumes_per_s"]) > 0 for r in rows)
+    validations = [json.loads(line) for line in open(run / "validation.jsonl")]
+    assert [v["step"] for v in validations] == [3, 6]
+    usage = validations[-1]["codebook_usage"]
+    assert set(usage) == {"rq1", "rq2"} and 0 < usage["rq1"]["fraction_used"] <= 1
+    loaded = load_checkpoint(final)
+    assert loaded.provenance["step"] == 6
+    assert loaded.provenance["corpus_id"] == json.load(open(run / "config.json"))["corpus_id"]
+    assert loaded.training == {}  # the release weights carry no optimiser state
+
+
+def test_resume_after_a_kill_reaches_the_uninterrupted_state(tiny_corpus, tmp_path, monkeypatch):
+    straight = train(settings(tiny_corpus, tmp_path / "straight"), progress=False)
+
+    original = train_module._log_row
+
+    def killed_at_step_5(step, terms, rate):
+        if step == 5:
+            raise KeyboardInterrupt
+        return original(step, terms, rate)
+
+    monkeypatch.setattr(train_module, "_log_row", killed_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(settings(tiny_corpus, tmp_path / "killed"), progress=False)
+    assert load_checkpoint(tmp_path / "killed" / "last.pt").training["step"] == 3
+    monkeypatch.setattr(train_module, "_log_row", original)
+
+    resumed = train(settings(tiny_corpus, tmp_path / "killed", resume=True), progress=False)
+    assert_same_weights(state(resumed), state(straight))
+    rows = list(csv.DictReader(open(tmp_path / "killed" / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # no step logged twice
+
+
+def test_a_fixed_seed_reproduces_a_run_and_another_seed_does_not(tiny_corpus, tmp_path):
+    a = train(settings(tiny_corpus, tmp_path / "a", steps=3), progress=False)
+    b = train(settings(tiny_corpus, tmp_path / "b", steps=3), progress=False)
+    c = train(settings(tiny_corpus, tmp_path / "c", steps=3, seed=4), progress=False)
+    assert_same_weights(state(a), state(b))
+    with pytest.raises(AssertionError):
+        assert_same_weights(state(a), state(c))
+
+
+def test_run_folder_is_never_overwritten(tiny_corpus, tmp_path):
+    train(settings(tiny_corpus, tmp_path / "run", steps=1), progress=False)
+    with pytest.raises(RunFolderError, match="--resume"):
+        train(settings(tiny_corpus, tmp_path / "run", steps=1), progress=False)
+    with pytest.raises(RunFolderError, match="no last.pt"):
+        train(settings(tiny_corpus, tmp_path / "empty", resume=True), progress=False)
+
+
+def test_command_line_defaults_are_the_papers():
+    parsed = parse_args(["--model", "vq", "--corpus", "c", "--out", "o"])
+    assert parsed.lr == 1e-3 and parsed.weight_decay == 1e-5
+
+
+@pytest.mark.parametrize("model", ["vq", "hq", "drgn-vae"])
+def test_baselines_train_through_the_same_command(tiny_corpus, tmp_path, model):
+    out = tmp_path / model
+    code = train_module.main(["--model", model, "--preset", "small", "--corpus", str(tiny_corpus),
+                              "--out", str(out), "--steps", "2", "--batch-size", "2",
+                              "--val-every", "2", "--checkpoint-every", "2", "--device", "cpu"])
+    assert code == 0
+    assert load_checkpoint(out / "model.pt").model.name == model
+
+
+def test_two_process_torchrun_with_gloo(tiny_corpus, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         "29517", "-m", "training.train", "--model", "swan", "--preset", "small", "--corpus",
+         str(tiny_corpus), "--out", str(out), "--steps", "3", "--batch-size", "4",
+         "--val-every", "3", "--checkpoint-every", "3", "--device", "cpu"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(out / "config.json"))["world_size"] == 2
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert load_checkpoint(out / "model.pt").provenance["step"] == 3

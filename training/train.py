@@ -1,0 +1,369 @@
+"""Fit a model on a corpus: ``python -m training.train --model swan --corpus DIR --out RUN``.
+
+The paper's optimiser (Adam, lr 1e-3, weight decay 1e-5) at a constant learning rate. Batches
+are drawn from the training split by a generator seeded with (seed, step), so the data a step
+sees does not depend on whether the run was interrupted. ``--resume`` restores the weights, the
+optimiser, every model buffer (codebook ages included) and the torch RNG from ``last.pt``, written
+every ``--checkpoint-every`` steps, and reaches the state an uninterrupted run reaches.
+
+Run folder:
+    config.json        the settings of the run
+    train_log.csv      step, loss terms, volumes/s
+    validation.jsonl   per validation: loss, PSNR and codebook usage per level
+    last.pt            the latest checkpoint, with training state (written atomically)
+    best.pt            the weights with the lowest validation loss
+    model.pt           the final weights (what the plugin and evaluate load)
+
+Several GPUs (or CPU processes): ``torchrun --nproc_per_node N -m training.train …``; the global
+batch is split across processes and rank 0 writes the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.corpus import Corpus
+
+LOG_FIELDS = ("step", "loss", "recon", "commit", "kl", "volumes_per_s")
+
+
+@dataclass
+class TrainSettings:
+    model: str
+    corpus: str
+    out: str
+    preset: str = "full"
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    grad_clip: float | None = None
+    seed: int = 0
+    val_every: int = 100
+    checkpoint_every: int = 100
+    max_val: int = 64
+    device: str = "auto"
+    amp: bool = True
+    resume: bool = False
+
+
+def parse_args(argv=None) -> TrainSettings:
+    from napari_cryoswan.models.registry import MODEL_NAMES, PRESETS
+
+    p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=MODEL_NAMES)
+    p.add_argument("--corpus", required=True, help="a corpus folder from training.build_corpus")
+    p.add_argument("--out", required=True, help="the run folder to write")
+    p.add_argument("--preset", default="full", choices=PRESETS,
+                   help="model size: 'full' (the trained configuration) or 'small' (CPU demos)")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps in all")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch (split across ranks)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (paper: 1e-5)")
+    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-every", type=int, default=100, help="steps between validations")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
+    p.add_argument("--max-val", type=int, default=64, help="validation volumes per pass")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--no-amp", dest="amp", action="store_false",
+                   help="no bf16 autocast on CUDA (it is never used on the CPU)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    return TrainSettings(**vars(p.parse_args(argv)))
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked."""
+
+
+def train(settings: TrainSettings, progress: bool = True) -> Path:
+    """Run training as ``settings`` say; returns the path of the final weights (model.pt)."""
+    import torch
+
+    from napari_cryoswan.checkpoint import load_checkpoint, save_checkpoint
+    from napari_cryoswan.engine import autocast, choose_device
+    from napari_cryoswan.models.registry import build_model
+
+    rank, world = _distributed_setup()
+    out = Path(settings.out)
+    _check_run_folder(out, settings.resume)
+    device = choose_device(settings.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    corpus = Corpus(settings.corpus)
+    train_ids = corpus.split_indices("train")
+    val_ids = corpus.split_indices("val")[: settings.max_val]
+    if len(train_ids) == 0:
+        raise RunFolderError(f"{settings.corpus}: the training split is empty.")
+
+    torch.manual_seed(settings.seed)
+    model = build_model(settings.model, preset=settings.preset).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
+                                 weight_decay=settings.weight_decay)
+    start_step, best_val = 0, math.inf
+    if settings.resume:
+        last = load_checkpoint(out / "last.pt")
+        model.load_state_dict(last.model.state_dict())
+        start_step, best_val = _restore(model, optimizer, last.training, device)
+        _truncate_logs(out, start_step)
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({
+            **asdict(settings), "corpus_id": corpus.corpus_id, "world_size": world}, indent=2))
+
+    wrapped = _wrap_distributed(model, device, world)
+    provenance = {"corpus": str(settings.corpus), "corpus_id": corpus.corpus_id,
+                  "preset": settings.preset, "seed": settings.seed}
+    bar = _progress_bar(settings.steps, start_step, progress and rank == 0)
+    step = start_step
+    try:
+        for step in range(start_step + 1, settings.steps + 1):
+            tic = time.perf_counter()
+            ids = _batch_ids(train_ids, settings.batch_size, settings.seed, step, rank, world)
+            x = torch.from_numpy(corpus.load_batch(ids)[:, None]).to(device)
+            model.train()
+            with autocast(device, settings.amp):
+                terms = wrapped(x).losses
+            optimizer.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            if settings.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+            optimizer.step()
+            _sync_codebooks(model, world)
+            rate = len(ids) * world / (time.perf_counter() - tic)
+            if rank != 0:
+                continue
+            row = _log_row(step, terms, rate)
+            _append_csv(out / "train_log.csv", row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", vol_s=f"{rate:.1f}")
+            bar.update(1)
+            if step % settings.val_every == 0 or step == settings.steps:
+                record = validate(model, corpus, val_ids, device, settings.batch_size, step)
+                _append_jsonl(out / "validation.jsonl", record)
+                if record["loss"] < best_val:
+                    best_val = record["loss"]
+                    save_checkpoint(out / "best.pt", model, {**provenance, **record}, overwrite=True)
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                save_checkpoint(out / "last.pt", model, {**provenance, "step": step},
+                                _training_state(model, optimizer, step, best_val), overwrite=True)
+    except KeyboardInterrupt:
+        # A step cut off halfway may have changed codebooks, so the periodic checkpoint,
+        # not the state at the interrupt, is what a resumed run continues from.
+        if rank == 0:
+            print(f"\nInterrupted. Continue from the last checkpoint ({out / 'last.pt'}) with the "
+                  "same command and --resume.", file=sys.stderr)
+        raise
+    finally:
+        bar.close()
+    final = out / "model.pt"
+    if rank == 0:
+        last_val = _last_validation(out)
+        save_checkpoint(final, model, {**provenance, "step": settings.steps, **last_val},
+                        overwrite=True)
+    _distributed_teardown(world)
+    return final
+
+
+def validate(model, corpus, ids, device, batch_size: int, step: int) -> dict:
+    """Mean reconstruction loss and PSNR over ``ids``, and codebook usage per level."""
+    import torch
+
+    from napari_cryoswan.engine import autocast, batches
+    from napari_cryoswan.metrics import psnr
+
+    model.eval()
+    model.reset_usage()
+    losses, psnrs = [], []
+    with torch.inference_mode():
+        for part in batches(len(ids), batch_size):
+            volumes = corpus.load_batch(ids[part])
+            x = torch.from_numpy(volumes[:, None]).to(device)
+            with autocast(device):
+                output = model(x)
+            losses.append(float(output.losses["recon"]) * len(volumes))
+            recon = output.recon[:, 0].float().cpu().numpy()
+            psnrs.extend(psnr(r, v) for r, v in zip(recon, volumes))
+    model.train()
+    return {
+        "step": step,
+        "loss": sum(losses) / max(len(ids), 1),
+        "psnr": float(np.mean(psnrs)) if psnrs else float("nan"),
+        "codebook_usage": model.codebook_usage(),
+    }
+
+
+def _batch_ids(train_ids, batch_size, seed, step, rank, world) -> np.ndarray:
+    """The global batch of a step depends only on (seed, step); each rank takes its share."""
+    rng = np.random.default_rng([seed, step])
+    chosen = rng.choice(train_ids, size=batch_size, replace=len(train_ids) < batch_size)
+    return chosen[rank::world]
+
+
+def _training_state(model, optimizer, step: int, best_val: float) -> dict:
+    import torch
+
+    return {
+        "step": step,
+        "best_val": best_val,
+        "optimizer": optimizer.state_dict(),
+        # every buffer, the non-persistent ones too: codebook ages decide dead-code restarts
+        "buffers": {k: v.detach().cpu().clone() for k, v in model.named_buffers()},
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def _restore(model, optimizer, state: dict, device) -> tuple[int, float]:
+    import torch
+
+    if not state:
+        raise RunFolderError("last.pt holds no training state, so the run cannot be resumed.")
+    optimizer.load_state_dict(state["optimizer"])
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in state["buffers"].items():
+            buffers[name].copy_(value.to(device))
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return int(state["step"]), float(state["best_val"])
+
+
+def _check_run_folder(out: Path, resume: bool) -> None:
+    if resume and not (out / "last.pt").is_file():
+        raise RunFolderError(f"{out}: there is no last.pt to resume from. Start without --resume.")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise RunFolderError(
+            f"{out} already holds a run. Continue it with --resume, or choose another --out."
+        )
+
+
+def _log_row(step: int, terms: dict, rate: float) -> dict:
+    row = {"step": step, "loss": terms["total"].item(), "volumes_per_s": round(rate, 3)}
+    for name in ("recon", "commit", "kl"):
+        row[name] = terms[name].item() if name in terms else ""
+    return row
+
+
+def _append_csv(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_logs(out: Path, step: int) -> None:
+    """Drop log lines a killed run wrote after its last checkpoint; they are about to be redone."""
+    log = out / "train_log.csv"
+    if log.exists():
+        with open(log, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+        tmp = log.with_suffix(".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, log)
+    val = out / "validation.jsonl"
+    if val.exists():
+        kept = [line for line in val.read_text().splitlines() if json.loads(line)["step"] <= step]
+        tmp = val.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, val)
+
+
+def _last_validation(out: Path) -> dict:
+    path = out / "validation.jsonl"
+    if not path.exists():
+        return {}
+    last = json.loads(path.read_text().splitlines()[-1])
+    return {"val_loss": last["loss"], "val_psnr": last["psnr"], "codebook_usage": last["codebook_usage"]}
+
+
+def _progress_bar(total: int, start: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True)
+
+
+def _distributed_setup() -> tuple[int, int]:
+    """Join the process group when launched by torchrun; (rank, world size)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return dist.get_rank(), world
+
+
+def _wrap_distributed(model, device, world: int):
+    if world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    # Codebook seeding and restarts change codes outside autograd: _sync_codebooks handles it.
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def _sync_codebooks(model, world: int) -> None:
+    """Codes seeded or restarted from one rank's data must be the same on every rank."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    for book in model.codebooks().values():
+        for tensor in [*book.parameters(), *book.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+
+
+def _distributed_teardown(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    settings = parse_args(argv)
+    try:
+        path = train(settings)
+    except (RunFolderError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as err:
+        print(f"error: could not write the run folder ({err}). The last checkpoint written is "
+              "intact; free some space and continue with --resume.", file=sys.stderr)
+        return 1
+    print(f"Wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
