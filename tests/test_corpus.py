@@ -67,6 +67,7 @@ def test_split_by_group_has_no_leakage_and_the_right_proportions():
 
 def test_a_small_corpus_still_has_every_split():
     assert sorted(assign_splits({"a": 5, "b": 5, "c": 10}).values()) == sorted(SPLITS)
+    assert sorted(assign_splits({"a": 5, "b": 5}).values()) == ["train", "val"]
     assert set(assign_splits({"a": 5, "b": 5}, (1.0, 0.0, 0.0)).values()) == {"train"}
 
 
@@ -138,10 +139,12 @@ def test_a_folder_without_a_manifest_is_not_a_corpus(tmp_path):
 def test_an_interrupted_build_resumes_to_the_same_corpus(tmp_path):
     inputs = ["--structures", DATA / "structures"]
     reference = build(tmp_path / "reference", *inputs)
-    # Cut a build short: one entry journaled, a second entry's map written but not journaled,
-    # and a journal line half-written when the process died.
-    partial = build(tmp_path / "partial", "--structures", DATA / "structures" / "1AKE.pdb.gz")
+    # Cut a build short: one entry journaled (but one of its maps lost since), a second entry's
+    # map written but not journaled, and a journal line half-written when the process died.
+    partial = build(tmp_path / "partial", "--structures", DATA / "structures" / "1AKE.pdb.gz",
+                    DATA / "structures" / "1PWC.pdb.gz")
     (partial.path / MANIFEST).unlink()
+    (partial.path / "maps" / "1PWC_r1.mrc").unlink()
     (partial.path / "maps" / "3ENL_r0.mrc").write_bytes(b"half a map")
     with open(partial.path / JOURNAL, "a") as fh:
         fh.write('{"type": "entry", "key": "3EN')

@@ -21,6 +21,7 @@ import pytest
 from napari_cryoswan.io import write_map
 from training.corpus import Corpus
 from training.emdb import (
+    CurationState,
     EmdbError,
     EmdbSettings,
     RateLimiter,
@@ -184,7 +185,8 @@ def test_entry_metadata_reads_the_emdb_fields():
     assert meta.pixel_size == (1.1, 1.1, 1.1) and meta.dimensions == (320, 320, 320)
     assert meta.mass_kda == pytest.approx(750.0)
     assert meta.map_file == "emd_1234.map.gz"
-    summed = entry_metadata(emdb_entry("EMD-1", "singleParticle", **{k: v for k, v in ENTRIES["EMD-1008"].items() if k != "method"}))
+    summed = entry_metadata(emdb_entry("EMD-1", "singleParticle",
+                                       macromolecules=ENTRIES["EMD-1008"]["macromolecules"]))
     assert summed.mass_kda == pytest.approx(240.0)  # 4 copies of 60 kDa
     assert _search_docs({"response": {"docs": [{"emdb_id": "EMD-1"}]}}) == [{"emdb_id": "EMD-1"}]
 
@@ -214,7 +216,7 @@ def test_curation_filters_retries_verifies_and_respects_the_rate_limit(fake_emdb
     kept = curate(tmp_path / "dl", settings, show_progress=False)
 
     assert {r["emdb_id"] for r in kept} == KEEPABLE
-    state = json.loads((tmp_path / "dl" / "emdb_state.json").read_text())["entries"]
+    state = CurationState(tmp_path / "dl", settings).entries
     assert {i for i, r in state.items() if r["status"] == "rejected"} == {"EMD-1002", "EMD-1004", "EMD-1005"}
     assert state["EMD-1007"]["status"] == "failed" and "corrupt" in state["EMD-1007"]["reason"]
     # Rejected entries cost no download; a corrupt one is fetched again, a hopeless one given up.
@@ -255,8 +257,9 @@ def test_rate_limiter_spaces_calls():
 
 def test_missing_entry_fails_without_retries(fake_emdb, tmp_path):
     fake_emdb.entries.pop("EMD-1003")
-    curate(tmp_path / "dl", settings_for(fake_emdb), show_progress=False)
-    state = json.loads((tmp_path / "dl" / "emdb_state.json").read_text())["entries"]
+    settings = settings_for(fake_emdb)
+    curate(tmp_path / "dl", settings, show_progress=False)
+    state = CurationState(tmp_path / "dl", settings).entries
     assert state["EMD-1003"]["status"] == "failed" and "404" in state["EMD-1003"]["reason"]
     assert fake_emdb.requests_to("/api/entry/EMD-1003") == 1
 
@@ -275,7 +278,7 @@ def test_a_killed_build_resumes_without_fetching_finished_maps_again(fake_emdb, 
                "--emdb-files", f"{fake_emdb.url}/files", "--rate", "50", "--backoff", "0.01",
                "--rotations", "2", "--quiet"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state_file = downloads / "emdb_state.json"
+    state_file = downloads / "emdb_state.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and _kept_ids(state_file) == set():
         time.sleep(0.05)
@@ -302,8 +305,14 @@ def test_a_killed_build_resumes_without_fetching_finished_maps_again(fake_emdb, 
 
 
 def _kept_ids(state_file: Path) -> set[str]:
-    try:
-        entries = json.loads(state_file.read_text())["entries"]
-    except (FileNotFoundError, json.JSONDecodeError):
-        return set()
-    return {i for i, r in entries.items() if r["status"] == "kept"}
+    """Kept ids in a state file that another process is appending to (read-only)."""
+    kept = set()
+    lines = state_file.read_text().splitlines() if state_file.exists() else []
+    for line in lines[1:]:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line being written right now
+        if record.get("status") == "kept":
+            kept.add(record["emdb_id"])
+    return kept

@@ -30,6 +30,7 @@ import multiprocessing
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -67,7 +68,7 @@ class BuildSettings:
     contact: float = 4.5
     mesh_margin: float = 3.0
     mesh_supersample: int = 2
-    mesh_blur: float = 1.0
+    mesh_blur: float = 0.5
 
     def for_source(self, kind: str) -> dict:
         """The settings that shape one source's samples (a resumed build must keep them)."""
@@ -99,21 +100,43 @@ class EntryTooLarge(ValueError):
 
 
 def build_entry(task: Task, settings: BuildSettings, maps_dir: Path) -> dict:
-    """Turn one entry into rotated samples written to ``maps_dir``; returns its journal record."""
+    """Turn one entry into rotated samples written to ``maps_dir``; returns its journal record.
+
+    All of an entry's samples are made before any is written, so an entry that fails leaves no
+    maps behind."""
     started = time.perf_counter()
     record = {"key": task.key, "kind": task.kind, "source": task.path}
     try:
         source_sha256 = file_sha256(task.path)
-        samples, dropped = _SAMPLERS[task.kind](task, settings, maps_dir, source_sha256)
+        samples, dropped = _SAMPLERS[task.kind](task, settings)
+        if not samples:
+            return {**record, "status": "skipped", "reason": "; ".join(dropped)}
+        _write_samples(samples, maps_dir)
     except (ValueError, OSError) as err:  # MapReadError, MeshError, bad structures are ValueErrors
         return {**record, "status": "skipped", "reason": str(err)}
-    if not samples:
-        return {**record, "status": "skipped", "reason": "; ".join(dropped)}
-    return {**record, "status": "done", "samples": samples, "dropped": dropped,
-            "seconds": round(time.perf_counter() - started, 2)}
+    for sample, _ in samples:
+        sample["source_sha256"] = source_sha256
+    return {**record, "status": "done", "samples": [sample for sample, _ in samples],
+            "dropped": dropped, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def _structure_samples(task, settings, maps_dir, source_sha256):
+def _write_samples(samples: list[tuple[dict, np.ndarray]], maps_dir: Path) -> None:
+    """Write every map of an entry, or, if one write fails, none."""
+    from napari_cryoswan.io import write_map
+
+    written = []
+    try:
+        for sample, data in samples:
+            written.append(write_map(maps_dir / Path(sample["file"]).name, data,
+                                     sample["preprocessing"]["voxel_size"], sample["preprocessing"]["box_origin"],
+                                     label=f"napari-cryoswan corpus sample {sample['sample_id']}"))
+    except OSError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+
+
+def _structure_samples(task, settings):
     from napari_cryoswan.simulate import chain_names, load_atoms, simulate_density, subassemblies
 
     atoms = load_atoms(task.path)
@@ -129,13 +152,13 @@ def _structure_samples(task, settings, maps_dir, source_sha256):
                 "chains": chain_names(variant),
                 "variant": "full" if variant is atoms else "subassembly"}
         try:
-            samples += _rotated_samples(density, entry_id, task, meta, settings, maps_dir, source_sha256)
+            samples += _rotated_samples(density, entry_id, task, meta, settings)
         except EntryTooLarge as err:
             dropped.append(f"{entry_id}: {err}")
     return samples, dropped
 
 
-def _map_samples(task, settings, maps_dir, source_sha256):
+def _map_samples(task, settings):
     from napari_cryoswan.io import read_map
 
     with warnings.catch_warnings():
@@ -147,12 +170,10 @@ def _map_samples(task, settings, maps_dir, source_sha256):
     meta = {k: task.info.get(k) for k in ("mass_kda", "resolution", "contour")}
     if task.info.get("url"):
         meta["url"] = task.info["url"]
-    samples = _rotated_samples(density, task.key, task, meta, settings, maps_dir, source_sha256,
-                               contour=task.info.get("contour"))
-    return samples, []
+    return _rotated_samples(density, task.key, task, meta, settings, contour=task.info.get("contour")), []
 
 
-def _mesh_samples(task, settings, maps_dir, source_sha256):
+def _mesh_samples(task, settings):
     from training.mesh import MeshSettings, mesh_density
 
     mesh_settings = MeshSettings(box=settings.box, voxel_size=settings.voxel_size,
@@ -161,16 +182,15 @@ def _mesh_samples(task, settings, maps_dir, source_sha256):
     density = mesh_density(task.path, mesh_settings)
     meta = {"mass_kda": None, "resolution": None,
             "voxels_per_mesh_unit": round(density.header["voxels_per_mesh_unit"], 6)}
-    return _rotated_samples(density, task.key, task, meta, settings, maps_dir, source_sha256), []
+    return _rotated_samples(density, task.key, task, meta, settings), []
 
 
 _SAMPLERS = {"structure": _structure_samples, "map": _map_samples, "emdb": _map_samples,
              "mesh": _mesh_samples}
 
 
-def _rotated_samples(density, entry_id, task, meta, settings, maps_dir, source_sha256, contour=None):
-    """Preprocess ``density`` into ``settings.rotations`` rotated copies and write them."""
-    from napari_cryoswan.io import write_map
+def _rotated_samples(density, entry_id, task, meta, settings, contour=None) -> list[tuple[dict, np.ndarray]]:
+    """Preprocess ``density`` into ``settings.rotations`` rotated copies: (record, data) pairs."""
     from napari_cryoswan.preprocess import CroppedDensityWarning, PreprocessSettings, augment
 
     preprocess = PreprocessSettings(voxel_size=settings.voxel_size, box=settings.box, contour_level=contour)
@@ -184,14 +204,12 @@ def _rotated_samples(density, entry_id, task, meta, settings, maps_dir, source_s
     samples = []
     for k, copy in enumerate(copies):
         sample_id = f"{entry_id}_r{k}"
-        write_map(maps_dir / f"{sample_id}.mrc", copy.data, settings.voxel_size,
-                  copy.record.box_origin, label=f"napari-cryoswan corpus sample {sample_id}")
-        samples.append({
+        samples.append(({
             "sample_id": sample_id, "file": f"maps/{sample_id}.mrc", "entry_id": entry_id,
             "parent_id": task.key, "group": group_of(task.key), "source_kind": task.kind,
-            "source": task.path, "source_sha256": source_sha256, "rotation_index": k, **meta,
+            "source": task.path, "rotation_index": k, **meta,
             "preprocessing": copy.record.to_dict(), "sha256": data_sha256(copy.data),
-        })
+        }, copy.data))
     return samples
 
 
@@ -367,22 +385,21 @@ def run_tasks(writer: CorpusWriter, tasks: list[Task], settings: BuildSettings, 
     bar.close()
 
 
-class _pool:
-    """A spawn-started process pool, or None for one worker (work runs in this process)."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.pool = None
-
-    def __enter__(self):
-        if self.workers > 1:
-            self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
-        return self.pool
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.terminate() if exc[0] else self.pool.close()
-            self.pool.join()
+@contextmanager
+def _pool(workers: int):
+    """A spawn-started process pool, or None for one worker (work then runs in this process)."""
+    if workers <= 1:
+        yield None
+        return
+    pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def _build_info(args, settings: BuildSettings, seconds: float) -> dict:
@@ -396,7 +413,7 @@ def _build_info(args, settings: BuildSettings, seconds: float) -> dict:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    return {"code_version": __version__, "command": sys.argv, "settings": asdict(settings),
+    return {"code_version": __version__, "arguments": vars(args), "settings": asdict(settings),
             "seconds": round(seconds, 1), "versions": versions}
 
 
@@ -428,7 +445,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--rotations", type=int, default=5, help="random rotations per entry (default 5, the paper's)")
     out.add_argument("--seed", type=int, default=0, help="seed of the rotations, sub-assemblies and split (default 0)")
     out.add_argument("--split", type=float, nargs=3, default=list(DEFAULT_FRACTIONS), metavar=SPLITS,
-                     help="train/val/test fractions of the samples, dealt by entry (default 0.8 0.1 0.1)")
+                     help="train/val/test fractions of the entries; an entry's rotations and "
+                          "sub-assemblies share its split (default 0.8 0.1 0.1)")
     out.add_argument("--max-outside", type=float, default=0.05,
                      help="drop entries with more than this fraction of density outside the box (default 0.05)")
     out.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -446,31 +464,38 @@ def parse_args(argv=None) -> argparse.Namespace:
                             help="Å between atoms for two chains to touch (default 4.5)")
 
     maps = parser.add_argument_group("real maps")
-    maps.add_argument("--maps", nargs="+", metavar="PATH", help="map files (.mrc/.map/.ccp4, optionally .gz) or folders")
+    maps.add_argument("--maps", nargs="+", metavar="PATH",
+                      help="map files (.mrc/.map/.ccp4, optionally .gz) or folders")
     maps.add_argument("--maps-csv", metavar="CSV",
                       help="columns emdb_id, contour, resolution (optional mass_kda, file, pixel_size); "
                            "the contour is the mask level")
 
     meshes = parser.add_argument_group("meshes (voxelised as solid densities)")
     meshes.add_argument("--meshes", nargs="+", metavar="PATH", help=".off/.obj/.ply/.stl files or folders")
-    meshes.add_argument("--mesh-margin", type=float, default=3.0, help="voxels between the shape and the box (default 3)")
+    meshes.add_argument("--mesh-margin", type=float, default=3.0,
+                        help="voxels between the shape and the box (default 3)")
     meshes.add_argument("--mesh-supersample", type=int, default=2, help="occupancy samples per voxel edge (default 2)")
-    meshes.add_argument("--mesh-blur", type=float, default=1.0, help="Gaussian blur σ in voxels (default 1)")
+    meshes.add_argument("--mesh-blur", type=float, default=0.5,
+                        help="Gaussian blur σ in voxels (default 0.5: about 9 Å resolution)")
 
     emdb = parser.add_argument_group("EMDB curation (network)")
     emdb.add_argument("--emdb", action="store_true",
                       help="curate single-particle and subtomogram-averaging maps from the EMDB API")
-    emdb.add_argument("--emdb-dir", metavar="DIR", help="downloads and emdb_state.json (resumable); required with --emdb")
-    emdb.add_argument("--emdb-api", default=emdb_defaults.api_url, help=f"API base URL (default {emdb_defaults.api_url})")
+    emdb.add_argument("--emdb-dir", metavar="DIR",
+                      help="downloads and emdb_state.jsonl (resumable); required with --emdb")
+    emdb.add_argument("--emdb-api", default=emdb_defaults.api_url,
+                      help=f"API base URL (default {emdb_defaults.api_url})")
     emdb.add_argument("--emdb-files", default=emdb_defaults.files_url,
                       help=f"file server base URL (default {emdb_defaults.files_url})")
-    emdb.add_argument("--emdb-query", default=DEFAULT_QUERY, help="Solr search query (default: released SPA and STA entries)")
+    emdb.add_argument("--emdb-query", default=DEFAULT_QUERY,
+                      help="Solr search query (default: released SPA and STA entries)")
     emdb.add_argument("--min-kda", type=float, default=emdb_defaults.min_kda, help="lightest entry kept (default 100)")
     emdb.add_argument("--max-kda", type=float, default=emdb_defaults.max_kda, help="heaviest entry kept (default 1500)")
     emdb.add_argument("--emdb-limit", type=int, help="stop after this many maps are kept (default: all)")
     emdb.add_argument("--rate", type=float, default=emdb_defaults.requests_per_second,
                       help="requests per second at most (default 2)")
-    emdb.add_argument("--retries", type=int, default=emdb_defaults.retries, help="retries of a failed request (default 4)")
+    emdb.add_argument("--retries", type=int, default=emdb_defaults.retries,
+                      help="retries of a failed request (default 4)")
     emdb.add_argument("--backoff", type=float, default=emdb_defaults.backoff,
                       help="seconds before the first retry, doubled each time (default 2)")
     args = parser.parse_args(argv)
@@ -503,7 +528,7 @@ def summary(manifest: dict, path: str) -> str:
     size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
     lines = [
         f"corpus {path}: id {manifest['corpus_id']}, {len(manifest['samples'])} samples, "
-        f"{size / 2**20:.0f} MiB, built in {manifest['build']['seconds']:.0f} s",
+        f"{size / 2**20:.0f} MiB; this run took {manifest['build']['seconds']:.0f} s",
         "  " + ", ".join(f"{s}: {split['samples'][s]} samples / {split['groups'][s]} groups" for s in SPLITS),
     ]
     if manifest["skipped"]:

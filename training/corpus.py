@@ -120,7 +120,9 @@ class Corpus:
 
     def load_batch(self, indices: Sequence[int]) -> np.ndarray:
         """Samples stacked as a (B, 64, 64, 64) float32 array."""
-        return np.stack([self.load(i) for i in indices]) if len(indices) else np.zeros((0,) + (self.box,) * 3, np.float32)
+        if not len(indices):
+            return np.zeros((0,) + (self.box,) * 3, np.float32)
+        return np.stack([self.load(i) for i in indices])
 
     def batches(
         self, split: str, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False
@@ -180,11 +182,11 @@ def assign_splits(
     by ``seed``), and dealt in blocks: for 0.8/0.1/0.1 a block of 10 groups sends a random 8 to
     train, 1 to val and 1 to test. So each split gets ``fractions`` of the groups, with the same
     mix of small entries and large families of sub-assemblies, and so close to ``fractions`` of
-    the samples. The last, partial block fills the smallest splits first, so a corpus of three
-    groups still has one in each split. Deterministic for the same groups, sizes and seed.
+    the samples. The last, partial block gives every split its first group before any split gets
+    another, so a corpus of three groups still has one in each split. Deterministic for the same
+    groups, sizes and seed.
     """
     pattern = _block_pattern(fractions)
-    rarest_first = sorted(pattern, key=lambda split: (fractions[split], split))
     rng = np.random.default_rng(seed)
     shuffled = [str(g) for g in rng.permutation(sorted(group_sizes))]
     ordered = sorted(shuffled, key=lambda g: -group_sizes[g])  # stable: ties stay shuffled
@@ -194,10 +196,24 @@ def assign_splits(
         if len(block) == len(pattern):
             labels = rng.permutation(pattern)
         else:
-            block, labels = list(rng.permutation(block)), rarest_first
+            block, labels = list(rng.permutation(block)), _fill_order(pattern, fractions)
         for group, split in zip(block, labels):
             assigned[str(group)] = SPLITS[split]
     return assigned
+
+
+def _fill_order(pattern: np.ndarray, fractions: Sequence[float]) -> list[int]:
+    """The block's slots in the order a partial block takes them: always the split that has used
+    the smallest part of its slots (the larger split first on a tie, so train is never empty)."""
+    slots = np.bincount(pattern, minlength=len(SPLITS))
+    used = np.zeros(len(SPLITS))
+    order = []
+    for _ in range(len(pattern)):
+        progress = [used[k] / slots[k] if used[k] < slots[k] else np.inf for k in range(len(SPLITS))]
+        split = min(range(len(SPLITS)), key=lambda k: (progress[k], -fractions[k], k))
+        order.append(split)
+        used[split] += 1
+    return order
 
 
 def _block_pattern(fractions: Sequence[float]) -> np.ndarray:
@@ -206,10 +222,9 @@ def _block_pattern(fractions: Sequence[float]) -> np.ndarray:
     if fractions.shape != (len(SPLITS),) or np.any(fractions < 0) or not np.isclose(fractions.sum(), 1.0):
         raise CorpusError(f"Split fractions must be {len(SPLITS)} non-negative numbers summing to 1; "
                           f"got {fractions.tolist()}.")
-    for size in range(1, 101):
-        slots = fractions * size
-        if np.allclose(slots, np.round(slots), atol=1e-6):
-            break
+    exact = [n for n in range(1, 101) if np.allclose(fractions * n, np.round(fractions * n), atol=1e-6)]
+    size = exact[0] if exact else 100
+    slots = fractions * size
     counts = np.floor(slots + 1e-6).astype(int)
     counts[np.argsort(counts - slots)[: size - counts.sum()]] += 1  # largest remainders
     return np.repeat(np.arange(len(SPLITS)), counts)
@@ -219,7 +234,7 @@ def compute_corpus_id(manifest: dict) -> str:
     """sha256 of the manifest's content, less paths and timestamps (see the module docstring)."""
     portable = {
         key: value for key, value in manifest.items()
-        if key not in ("corpus_id", "created", "build", "path", "skipped")
+        if key not in ("corpus_id", "created", "build", "skipped")
     }
     portable["samples"] = [
         {k: v for k, v in sample.items() if k != "source"} for sample in manifest["samples"]
@@ -352,12 +367,13 @@ class CorpusWriter:
             self._resume()
 
     def _delete_corpus(self) -> None:
-        for name in (MANIFEST, JOURNAL):
-            (self.path / name).unlink(missing_ok=True)
+        # The journal goes last: a delete cut short still leaves a corpus that resumes.
+        (self.path / MANIFEST).unlink(missing_ok=True)
         if self.maps_dir.is_dir():
             for child in self.maps_dir.iterdir():
                 child.unlink()
             self.maps_dir.rmdir()
+        (self.path / JOURNAL).unlink()
 
     def _resume(self) -> None:
         journal = self.path / JOURNAL
@@ -375,7 +391,14 @@ class CorpusWriter:
             elif record["type"] == "entry":
                 entry = {k: v for k, v in record.items() if k != "type"}
                 self.entries[entry["key"]] = entry
+        self._forget_incomplete_entries()
         self._remove_orphans()
+
+    def _forget_incomplete_entries(self) -> None:
+        """Entries whose maps are not all on disk any more are built again."""
+        for key, entry in list(self.entries.items()):
+            if not all((self.path / s["file"]).is_file() for s in entry.get("samples", [])):
+                del self.entries[key]
 
     def _remove_orphans(self) -> None:
         if not self.maps_dir.is_dir():
@@ -408,7 +431,7 @@ def read_journal(path: Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             if number < len(lines) - 1:
-                raise CorpusError(f"{path}: line {number + 1} is corrupt. Rebuild with --overwrite.")
+                raise CorpusError(f"{path}: line {number + 1} is corrupt. Rebuild with --overwrite.") from None
             lines = lines[:-1]
     if text and (len(lines) < len(text.splitlines()) or not text.endswith("\n")):
         _rewrite_lines(path, lines)

@@ -1,6 +1,8 @@
 """Fit a model on a corpus: ``python -m training.train --model swan --corpus DIR --out RUN``.
 
-The paper's optimiser (Adam, lr 1e-3, weight decay 1e-5) at a constant learning rate. Batches
+The paper's optimiser (Adam, lr 1e-3, weight decay 1e-5) at a constant learning rate, with the
+gradient norm clipped at 1 (the paper does not say; without it Cryo-SWAN's level-1 commitment
+loss diverged once dead codes began to restart). Batches
 are drawn from the training split by a generator seeded with (seed, step), so the data a step
 sees does not depend on whether the run was interrupted. ``--resume`` restores the weights, the
 optimiser, every model buffer (codebook ages included) and the torch RNG from ``last.pt``, written
@@ -47,7 +49,7 @@ class TrainSettings:
     batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    grad_clip: float | None = None
+    grad_clip: float | None = 1.0
     seed: int = 0
     val_every: int = 100
     checkpoint_every: int = 100
@@ -71,7 +73,8 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--batch-size", type=int, default=8, help="global batch (split across ranks)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (paper: 1e-5)")
-    p.add_argument("--grad-clip", type=float, default=None, help="clip the gradient norm (off)")
+    p.add_argument("--grad-clip", type=float, default=1.0,
+                   help="clip the gradient norm (default 1; 0 turns it off; see docs/TRAINING.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-every", type=int, default=100, help="steps between validations")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")

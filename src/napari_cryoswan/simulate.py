@@ -139,7 +139,7 @@ def chain_contacts(atoms: Atoms, cutoff: float = CONTACT_DISTANCE) -> dict[str, 
     ``cutoff`` Å of one of its atoms."""
     from scipy.spatial import cKDTree
 
-    names = list(dict.fromkeys(atoms.chain.tolist()))
+    names = chain_names(atoms)
     xyz = {name: atoms.xyz[atoms.chain == name] for name in names}
     trees = {name: cKDTree(xyz[name]) for name in names}
     lo = {name: xyz[name].min(axis=0) - cutoff for name in names}
@@ -214,6 +214,7 @@ def chain_names(atoms: Atoms) -> list[str]:
 
 
 def _grow_connected(graph, start: str, size: int, rng: np.random.Generator) -> frozenset[str]:
+    """Up to ``size`` chains, connected: from ``start``, add random chains that touch the set."""
     members = [start]
     frontier = set(graph[start])
     while len(members) < size and frontier:
