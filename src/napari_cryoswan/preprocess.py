@@ -184,8 +184,12 @@ def crop_or_pad(
     return out, tuple(int(s) for s in start), max(outside, 0.0)
 
 
-def rotate(data: np.ndarray, rotation: np.ndarray) -> np.ndarray:
-    """Rotate a volume about its centre by a 3×3 matrix acting on (z, y, x) coordinates."""
+def rotate(data: np.ndarray, rotation: np.ndarray, spline: np.ndarray | None = None) -> np.ndarray:
+    """Rotate a volume about its centre by a 3×3 matrix acting on (z, y, x) coordinates.
+
+    ``spline``: the cubic-spline coefficients of ``data`` (``spline_coefficients``), to reuse
+    them across several rotations of one volume instead of fitting them each time.
+    """
     from scipy.ndimage import affine_transform
 
     rotation = np.asarray(rotation, dtype=float)
@@ -193,7 +197,16 @@ def rotate(data: np.ndarray, rotation: np.ndarray) -> np.ndarray:
     # affine_transform pulls: output position p reads input at R⁻¹(p − c) + c.
     inverse = rotation.T
     offset = centre - inverse @ centre
-    return affine_transform(data, inverse, offset=offset, order=3, mode="grid-constant", cval=0.0)
+    source = data if spline is None else spline
+    return affine_transform(source, inverse, offset=offset, order=3, mode="grid-constant",
+                            cval=0.0, prefilter=spline is None)
+
+
+def spline_coefficients(data: np.ndarray) -> np.ndarray:
+    """The cubic-spline fit that ``rotate`` interpolates, computed once for many rotations."""
+    from scipy.ndimage import spline_filter
+
+    return spline_filter(data, order=3, mode="grid-constant")
 
 
 def random_rotations(n: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -228,7 +241,8 @@ def augment(
 ) -> list[Preprocessed]:
     """``n_rotations`` randomly rotated, preprocessed copies of one map (resampled once)."""
     boxed = _resample_and_box(density, settings)
-    return [_finish(boxed, settings, r) for r in random_rotations(n_rotations, rng)]
+    spline = spline_coefficients(boxed.data)
+    return [_finish(boxed, settings, r, spline) for r in random_rotations(n_rotations, rng)]
 
 
 def _resample_and_box(density: DensityMap, settings: PreprocessSettings) -> Preprocessed:
@@ -279,11 +293,14 @@ def _resample_and_box(density: DensityMap, settings: PreprocessSettings) -> Prep
 
 
 def _finish(
-    boxed: Preprocessed, settings: PreprocessSettings, rotation: np.ndarray | None
+    boxed: Preprocessed,
+    settings: PreprocessSettings,
+    rotation: np.ndarray | None,
+    spline: np.ndarray | None = None,
 ) -> Preprocessed:
     data, changes = boxed.data, {}
     if rotation is not None:
-        data = rotate(data, rotation)
+        data = rotate(data, rotation, spline)
         changes["rotation"] = tuple(tuple(float(v) for v in row) for row in np.asarray(rotation))
     if settings.normalise:
         data, changes["mean"], changes["std"] = normalise(data)
