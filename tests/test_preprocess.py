@@ -204,4 +204,4 @@ def test_rotating_from_precomputed_spline_coefficients_is_the_same():
     obj = gaussian_blob((24, 24, 24), (10, 12, 14), 2.5)
     rotation = random_rotations(1, np.random.default_rng(9))[0]
     np.testing.assert_allclose(rotate(obj, rotation, spline_coefficients(obj)), rotate(obj, rotation),
-                               atol=1e-5)  # peak 1: float32 rounding only
+                               atol=1e-6)

@@ -197,16 +197,24 @@ def rotate(data: np.ndarray, rotation: np.ndarray, spline: np.ndarray | None = N
     # affine_transform pulls: output position p reads input at R⁻¹(p − c) + c.
     inverse = rotation.T
     offset = centre - inverse @ centre
-    source = data if spline is None else spline
-    return affine_transform(source, inverse, offset=offset, order=3, mode="grid-constant",
-                            cval=0.0, prefilter=spline is None)
+    if spline is None:
+        return affine_transform(data, inverse, offset=offset, order=3, mode="grid-constant",
+                                cval=0.0)
+    return affine_transform(spline, inverse, offset=offset + _SPLINE_PAD, output_shape=data.shape,
+                            order=3, mode="grid-constant", cval=0.0, prefilter=False)
+
+
+# scipy zero-pads this much before fitting a spline for mode "grid-constant"; doing the same
+# keeps a precomputed fit identical to the one affine_transform makes itself.
+_SPLINE_PAD = 12
 
 
 def spline_coefficients(data: np.ndarray) -> np.ndarray:
     """The cubic-spline fit that ``rotate`` interpolates, computed once for many rotations."""
     from scipy.ndimage import spline_filter
 
-    return spline_filter(data, order=3, mode="grid-constant")
+    padded = np.pad(np.asarray(data, np.float64), _SPLINE_PAD)
+    return spline_filter(padded, order=3, mode="mirror")
 
 
 def random_rotations(n: int, rng: np.random.Generator) -> list[np.ndarray]:
