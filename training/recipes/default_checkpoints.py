@@ -1,0 +1,70 @@
+"""Rebuild the bundled checkpoints from the offline data, in one command.
+
+    python -m training.recipes.default_checkpoints DATA_DIR [--work runs] [--install]
+
+1. builds (or resumes) the protein corpus with ``training.recipes.default_corpus`` (no meshes);
+2. trains Cryo-SWAN (RQ1+RQ2) and its RQ1-only ablation with the same settings and budget;
+3. evaluates both on the corpus's test split with ``training.evaluate``;
+4. with ``--install``, copies the two ``model.pt`` into ``src/napari_cryoswan/checkpoints/``
+   as ``swan.pt`` and ``swan-rq1.pt`` (asking nothing: pass it only when you mean to replace
+   the shipped weights; without it the files stay in the work folder).
+
+The settings are the ones docs/CHECKPOINTS.md reports. A killed run resumes when the same
+command is run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from training import evaluate, train
+from training.recipes import default_corpus
+
+MODELS = ("swan", "swan-rq1")
+TRAIN_ARGS = ["--preset", "cpu", "--steps", "900", "--batch-size", "4", "--val-every", "100",
+              "--checkpoint-every", "100", "--seed", "0"]
+PACKAGE_CHECKPOINTS = Path(__file__).resolve().parents[2] / "src" / "napari_cryoswan" / "checkpoints"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.recipes.default_checkpoints",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_dir", type=Path, help="the offline data folder (structures/, meshes/)")
+    parser.add_argument("--work", type=Path, default=Path("runs"), help="corpus, runs and report")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--install", action="store_true",
+                        help="replace the checkpoints shipped in src/napari_cryoswan/checkpoints")
+    args = parser.parse_args(argv)
+
+    corpus = args.work / "corpus_default"
+    code = default_corpus.main([str(args.data_dir), "--out", str(corpus), "--no-meshes"])
+    if code:
+        return code
+    finals = []
+    for model in MODELS:
+        out = args.work / model
+        resume = ["--resume"] if (out / "last.pt").is_file() else []
+        if not (out / "model.pt").is_file():
+            code = train.main(["--model", model, "--corpus", str(corpus), "--out", str(out),
+                               "--device", args.device, *TRAIN_ARGS, *resume])
+            if code:
+                return code
+        finals.append(out / "model.pt")
+    code = evaluate.main(["--checkpoints", *map(str, finals), "--corpus", str(corpus),
+                          "--split", "test", "--out", str(args.work / "report"),
+                          "--device", args.device])
+    if code or not args.install:
+        return code
+    PACKAGE_CHECKPOINTS.mkdir(exist_ok=True)
+    for model, final in zip(MODELS, finals):
+        shutil.copyfile(final, PACKAGE_CHECKPOINTS / f"{model}.pt")
+    print(f"Installed {', '.join(MODELS)} into {PACKAGE_CHECKPOINTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
