@@ -12,6 +12,19 @@ def data_dir() -> Path:
     return DATA
 
 
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    """Three real structures, simulated, three rotations each: one entry per split."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("corpus") / "tiny"
+    subprocess.run([sys.executable, "-m", "training.build_corpus", "--out", str(out),
+                    "--structures", str(DATA / "structures"), "--rotations", "3",
+                    "--split", "0.34", "0.33", "0.33", "--quiet"], check=True)
+    return out
+
+
 def write_raw_mrc(path, data_file_order, *, voxel_xyz=(2.0, 2.0, 2.0), axis_order=(1, 2, 3),
                   origin_xyz=(0.0, 0.0, 0.0), start_crs=(0, 0, 0), space_group=1, compression=None):
     """Write an MRC file exactly as given (file order: sections, rows, columns), bypassing io.py."""

@@ -1,6 +1,5 @@
 """Checkpoints: round trip, provenance, atomic writes and clear refusals."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -3,9 +3,6 @@
 import csv
 import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,22 +13,10 @@ from napari_cryoswan.metrics import fsc, fsc_resolution, voxel_metrics
 from training.corpus import Corpus
 from training.evaluate import main
 
-ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "eval"
-    subprocess.run([sys.executable, "-m", "training.build_corpus", "--out", str(out),
-                    "--structures", str(ROOT / "tests/data/structures"), "--rotations", "2",
-                    "--split", "0.34", "0.33", "0.33", "--quiet"], check=True)
-    return out
-
-
-def test_report_on_a_corpus_split(corpus, small_checkpoints, tmp_path):
+def test_report_on_a_corpus_split(tiny_corpus, small_checkpoints, tmp_path):
     out = tmp_path / "report"
     paths = [str(small_checkpoints["swan"]), str(small_checkpoints["swan-rq1"])]
-    assert main(["--checkpoints", *paths, "--corpus", str(corpus), "--split", "test",
+    assert main(["--checkpoints", *paths, "--corpus", str(tiny_corpus), "--split", "test",
                  "--out", str(out), "--device", "cpu"]) == 0
     assert {p.name for p in out.iterdir()} == {"report.md", "report.csv", "report.json",
                                                "fsc.png", "codebook_usage.png"}
@@ -43,7 +28,7 @@ def test_report_on_a_corpus_split(corpus, small_checkpoints, tmp_path):
     assert [r["model"] for r in rows] == ["swan (RQ1+RQ2)", "swan-rq1 (RQ1)"]
 
     # the numbers are what the metrics module gives for these reconstructions
-    data = Corpus(corpus)
+    data = Corpus(tiny_corpus)
     volumes = data.load_batch(data.split_indices("test"))
     recon = reconstruct(load_checkpoint(paths[0]).model, volumes)["RQ1+RQ2"]
     psnr = np.mean([voxel_metrics(p, t)["psnr"] for p, t in zip(recon, volumes)])
@@ -68,8 +53,8 @@ def test_report_on_a_folder_of_maps(small_checkpoints, tmp_path, data_dir):
     assert "1 maps from" in (out / "report.md").read_text()
 
 
-def test_bad_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
+def test_bad_checkpoint_is_a_clear_error(tiny_corpus, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
-    assert main(["--checkpoints", str(bad), "--corpus", str(corpus), "--out", str(tmp_path / "r")]) == 2
+    assert main(["--checkpoints", str(bad), "--corpus", str(tiny_corpus), "--out", str(tmp_path / "r")]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,19 +13,6 @@ import torch
 import training.train as train_module
 from napari_cryoswan.checkpoint import load_checkpoint
 from training.train import RunFolderError, TrainSettings, parse_args, train
-
-ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny_corpus(tmp_path_factory):
-    """Three real structures, simulated, three rotations each: one entry per split."""
-    out = tmp_path_factory.mktemp("corpus") / "tiny"
-    subprocess.run([sys.executable, "-m", "training.build_corpus", "--out", str(out),
-                    "--structures", str(ROOT / "tests/data/structures"), "--rotations", "3",
-                    "--split", "0.34", "0.33", "0.33", "--quiet"], check=True)
-    return out
-
 
 def settings(corpus, out, **changes) -> TrainSettings:
     base = TrainSettings(model="swan", corpus=str(corpus), out=str(out), preset="small", steps=6,

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from napari_cryoswan import reconstruction
-from napari_cryoswan.layers import density_layer_data
+from napari_cryoswan.layers import density_from_layer, density_layer_data
 from napari_cryoswan.metrics import fsc_between_maps
-from napari_cryoswan.layers import density_from_layer
 from napari_cryoswan.widgets.fsc_plot import FSCWidget
 from napari_cryoswan.widgets.reconstruct import ReconstructWidget
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Autoencoder, Codes, Encoding, ModelOutput
-from .blocks import (CoordinateDecoder, Decoder3d, Encoder3d, VoxelPositionalEncoding, gaussian_kl, mse,
-                     reparameterise, voxel_grid)
+from .blocks import (CoordinateDecoder, Decoder3d, Encoder3d, VoxelPositionalEncoding, fusion_block,
+                     gaussian_kl, mse, reparameterise, voxel_grid)
 from .quantize import ResidualQuantizer, StochasticQuantizer
 
 # ─── single-level quantized autoencoders: VQ, RQ, VAR ────────────────────────────────────────
@@ -149,7 +149,8 @@ class HQVAE(Autoencoder):
         self.encoder_bottom = Encoder3d(self.positional_encoding.out_channels, (w0, w1), config.blocks)
         self.encoder_top = Encoder3d(w1, (w2,), config.blocks)
         self.quant_conv_top = nn.Conv3d(w2, c, 1)
-        self.quant_conv_bottom = nn.Conv3d(2 * w1, c, 3, padding=1)
+        self.fuse_bottom = fusion_block(2 * w1, w1)
+        self.quant_conv_bottom = nn.Conv3d(w1, c, 1)
         self.quantizer_top = self._stochastic_quantizer(config)
         self.quantizer_bottom = self._stochastic_quantizer(config)
         self.post_quant_top = nn.Conv3d(c, w2, 3, padding=1)
@@ -193,7 +194,7 @@ class HQVAE(Autoencoder):
         z_top = self.quant_conv_top(self.encoder_top(h_16))
         top = self.quantizer_top(z_top)
         d_top = self.decoder_top(self.post_quant_top(top.f_hat_BCdhw))
-        z_bottom = self.quant_conv_bottom(torch.cat([d_top, h_16], 1))
+        z_bottom = self.quant_conv_bottom(self.fuse_bottom(torch.cat([d_top, h_16], 1)))
         bottom = self.quantizer_bottom(z_bottom)
         levels = {"top": {"latent": z_top, "quantized": top.f_hat_BCdhw, "decoded": d_top},
                   "bottom": {"latent": z_bottom, "quantized": bottom.f_hat_BCdhw}}
@@ -369,7 +370,9 @@ class TargetVAE(_CoordinateVAE):
 
 
 def axis_angle_to_matrix(omega_B3: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices exp([ω]×) from axis-angle vectors. Shape: (B, 3) → (B, 3, 3)"""
+    """Rotation matrices exp([ω]×) from axis-angle vectors, in float32 (matrix_exp has no
+    half-precision kernels). Shape: (B, 3) → (B, 3, 3)"""
+    omega_B3 = omega_B3.float()
     zero = torch.zeros_like(omega_B3[:, 0])
     wx, wy, wz = omega_B3.unbind(-1)
     skew = torch.stack([zero, -wz, wy, wz, zero, -wx, -wy, wx, zero], -1).view(-1, 3, 3)

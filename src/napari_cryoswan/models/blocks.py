@@ -89,9 +89,12 @@ class ResBlock3d(nn.Module):
 
 
 class Encoder3d(nn.Module):
-    """Strided Conv3d (4³, stride 2) then `blocks` residual blocks, once per width.
+    """Strided Conv3d (4³, stride 2) then `blocks` residual blocks, once per width; the output
+    is normalised (GroupNorm, SiLU).
 
-    Each width halves the grid, so widths (32, 64) take 64³ to 16³.
+    Each width halves the grid, so widths (32, 64) take 64³ to 16³. The output norm keeps the
+    latent's scale from running away under Adam at lr 1e-3: without it the residual stream of a
+    deep encoder can grow by large factors per step, and the codebooks cannot follow.
 
     Shape:
         - x_BCdhw: (B, in_channels, D, H, W)
@@ -105,11 +108,23 @@ class Encoder3d(nn.Module):
             layers.append(nn.Conv3d(in_channels, width, 4, stride=2, padding=1))
             layers.extend(ResBlock3d(width) for _ in range(blocks))
             in_channels = width
+        layers += [_norm(in_channels), nn.SiLU()]
         self.layers = nn.Sequential(*layers)
         self.out_channels = in_channels
 
     def forward(self, x_BCdhw: torch.Tensor) -> torch.Tensor:
         return self.layers(x_BCdhw)
+
+
+def fusion_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Conv3d 3³ then GroupNorm and SiLU: fuses concatenated maps into a normalised map.
+
+    Used before quant_conv, so that (as after an encoder) the latent's scale is set by one 1³
+    quant_conv and cannot jump with a wide conv's Adam step.
+
+    Shape: (B, in_channels, D, H, W) → (B, out_channels, D, H, W)
+    """
+    return nn.Sequential(nn.Conv3d(in_channels, out_channels, 3, padding=1), _norm(out_channels), nn.SiLU())
 
 
 class Decoder3d(nn.Module):

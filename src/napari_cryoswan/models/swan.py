@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .base import Autoencoder, Codes, Encoding, ModelOutput
-from .blocks import Decoder3d, Encoder3d, VoxelPositionalEncoding, mse
+from .blocks import Decoder3d, Encoder3d, VoxelPositionalEncoding, fusion_block, mse
 from .quantize import ResidualQuantizer
 
 RQ1_SCALES = (1, 4, 6, 8, 10, 12, 14, 16)
@@ -87,7 +87,7 @@ class CryoSwan(Autoencoder):
             [Encoder3d(self.positional_encoding.out_channels, w[:2], config.blocks)]
             + [Encoder3d(w[k], (w[k + 1],), config.blocks) for k in range(1, K)])
         # combi_conv_k fuses r_{k+1} with Enc[k] for every level but the coarsest (line 14).
-        self.combi_convs = nn.ModuleList(nn.Conv3d(2 * w[k + 1], w[k + 1], 3, padding=1) for k in range(K - 1))
+        self.combi_convs = nn.ModuleList(fusion_block(2 * w[k + 1], w[k + 1]) for k in range(K - 1))
         self.quant_convs = nn.ModuleList(nn.Conv3d(w[k + 1], config.code_dim, 1) for k in range(K))
         self.quantizers = nn.ModuleList(
             ResidualQuantizer(config.codebook_size, config.code_dim, config.scales[k], config.beta,
@@ -141,17 +141,17 @@ class CryoSwan(Autoencoder):
         so that `encode` does not pay for it.
         """
         levels, codes, commits = {}, {}, {}
-        decoded = None
+        r_BCdhw = None  # r_{k+1}: the decoded output of the level above
         for k in reversed(range(self.config.levels)):
             name = self.level_name(k + 1)
-            z_c = encoded[k] if decoded is None else self.combi_convs[k](torch.cat([decoded, encoded[k]], 1))
-            f_BCdhw = self.quant_convs[k](z_c)
+            zc_BCdhw = encoded[k] if r_BCdhw is None else self.combi_convs[k](torch.cat([r_BCdhw, encoded[k]], 1))
+            f_BCdhw = self.quant_convs[k](zc_BCdhw)
             quantized = self.quantizers[k](f_BCdhw)
             levels[name] = {"latent": f_BCdhw, "quantized": quantized.f_hat_BCdhw,
                             "residual_norms": torch.stack(quantized.residual_norms)}
             codes[name], commits[name] = quantized.codes, quantized.loss
             if k > 0:
-                decoded = self.decoders[k](self.post_quant_convs[k](quantized.f_hat_BCdhw))
-                levels[name]["decoded"] = decoded
+                r_BCdhw = self.decoders[k](self.post_quant_convs[k](quantized.f_hat_BCdhw))
+                levels[name]["decoded"] = r_BCdhw
         order = [self.level_name(k) for k in range(1, self.config.levels + 1)]
         return ({n: levels[n] for n in order}, {n: codes[n] for n in order}, {n: commits[n] for n in order})
