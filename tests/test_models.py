@@ -30,6 +30,18 @@ def volumes(batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 1, 64, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def densities() -> torch.Tensor:
+    """64³, 4 Å, z-scored densities simulated at 8 Å from the structures in tests/data."""
+    from napari_cryoswan.preprocess import preprocess
+    from napari_cryoswan.simulate import load_atoms, simulate_density
+
+    paths = sorted(STRUCTURES.glob("*.pdb.gz"))
+    assert len(paths) >= 3
+    maps = [preprocess(simulate_density(load_atoms(p), voxel_size=4.0, resolution=8.0)).data for p in paths]
+    return torch.from_numpy(np.stack(maps))[:, None]
+
+
 # ─── Cryo-SWAN: Algorithm 1 and 2 shapes ─────────────────────────────────────────────────────
 
 
@@ -128,9 +140,9 @@ def test_gradients_reach_every_encoder_through_the_straight_through_estimator():
         assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
 
 
-def test_residual_norm_falls_scale_to_scale_once_the_codebook_is_seeded_from_data():
+def test_residual_norm_falls_scale_to_scale_once_the_codebook_is_seeded_from_data(densities):
     model = small("swan").train()
-    x = volumes(2)
+    x = densities
     model(x)  # the first training batch seeds every codebook from its residuals
     assert all(bool(book.initialised) for book in model.codebooks().values())
     model.eval()
@@ -260,19 +272,8 @@ def test_latent_rotation_is_a_proper_rotation():
 # ─── learning on real densities ──────────────────────────────────────────────────────────────
 
 
-def simulated_densities() -> torch.Tensor:
-    """64³, 4 Å, z-scored densities simulated at 8 Å from the structures in tests/data."""
-    from napari_cryoswan.preprocess import preprocess
-    from napari_cryoswan.simulate import load_atoms, simulate_density
-
-    paths = sorted(STRUCTURES.glob("*.pdb.gz"))
-    assert len(paths) >= 3
-    maps = [preprocess(simulate_density(load_atoms(p), voxel_size=4.0, resolution=8.0)).data for p in paths]
-    return torch.from_numpy(np.stack(maps))[:, None]
-
-
-def test_a_short_fit_of_the_small_swan_lowers_the_reconstruction_loss():
-    x = simulated_densities()
+def test_a_short_fit_of_the_small_swan_lowers_the_reconstruction_loss(densities):
+    x = densities
     model = small("swan")
     optimizer = default_optimizer(model)
     model(x)  # seed the codebooks, as the first training step does
