@@ -161,6 +161,8 @@ def environment(args, device: torch.device) -> dict:
         "repeats": args.repeats,
         "volume": f"{VOLUME}³",
         "command": " ".join(["python", *sys.argv]),
+        # Other work on the machine slows every number: the 1-minute load average, at the start.
+        "load_average_start": round(os.getloadavg()[0], 2),
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
@@ -200,6 +202,7 @@ def main() -> None:
         return
     env = environment(args, device)
     rows = [run_worker(name, batch) for name in args.models for batch in args.batch_sizes]
+    env["load_average_end"] = round(os.getloadavg()[0], 2)
     print("\n".join(f"- {key}: {value}" for key, value in env.items()))
     print()
     print(markdown_table(rows))
