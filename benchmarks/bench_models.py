@@ -43,7 +43,8 @@ PHASES = ("reconstruct", "encode", "decode", "train")
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODEL_NAMES), choices=MODEL_NAMES)
-    parser.add_argument("--preset", default="full", choices=("small", "full"))
+    parser.add_argument("--preset", default="full", choices=("small", "cpu", "full"),
+                        help="model size; 'cpu' exists for swan and swan-rq1 only (the bundled checkpoints)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"))
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4, 8])

@@ -12,7 +12,7 @@ import torch
 
 import training.train as train_module
 from napari_cryoswan.checkpoint import load_checkpoint
-from training.train import RunFolderError, TrainSettings, parse_args, train
+from training.train import RunFolderError, TrainSettings, _lock_run_folder, parse_args, train
 
 def settings(corpus, out, **changes) -> TrainSettings:
     base = TrainSettings(model="swan", corpus=str(corpus), out=str(out), preset="small", steps=6,
@@ -86,6 +86,17 @@ def test_run_folder_is_never_overwritten(tiny_corpus, tmp_path):
         train(settings(tiny_corpus, tmp_path / "run", steps=1), progress=False)
     with pytest.raises(RunFolderError, match="no last.pt"):
         train(settings(tiny_corpus, tmp_path / "empty", resume=True), progress=False)
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tiny_corpus, tmp_path):
+    train(settings(tiny_corpus, tmp_path / "run", steps=1), progress=False)
+    held = _lock_run_folder(tmp_path / "run")  # as a second training process would hold it
+    try:
+        with pytest.raises(RunFolderError, match="in use by another training process"):
+            train(settings(tiny_corpus, tmp_path / "run", steps=2, resume=True), progress=False)
+    finally:
+        held.close()
+    assert train(settings(tiny_corpus, tmp_path / "run", steps=2, resume=True), progress=False).is_file()
 
 
 def test_command_line_defaults_are_the_papers():

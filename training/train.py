@@ -101,6 +101,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     rank, world = _distributed_setup()
     out = Path(settings.out)
     _check_run_folder(out, settings.resume)
+    run_lock = _lock_run_folder(out) if rank == 0 else None
     device = choose_device(settings.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -174,6 +175,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
         last_val = _last_validation(out)
         save_checkpoint(final, model, {**provenance, "step": settings.steps, **last_val},
                         overwrite=True)
+        run_lock.close()
     _distributed_teardown(world)
     return final
 
@@ -250,6 +252,30 @@ def _check_run_folder(out: Path, resume: bool) -> None:
         raise RunFolderError(
             f"{out} already holds a run. Continue it with --resume, or choose another --out."
         )
+
+
+def _lock_run_folder(out: Path):
+    """Hold an exclusive lock on the run folder while this process trains into it.
+
+    Two processes writing one folder would interleave their logs and overwrite each other's
+    checkpoints. The lock is released when the returned file is closed or the process ends.
+    """
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / "run.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "unknown"
+        lock.close()
+        raise RunFolderError(f"{out} is in use by another training process (pid {owner}). Wait for "
+                             "it to finish, or stop it and continue with --resume.") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def _log_row(step: int, terms: dict, rate: float) -> dict:
@@ -351,6 +377,16 @@ def _distributed_teardown(world: int) -> None:
         dist.destroy_process_group()
 
 
+def _interrupt_on_sigterm() -> None:
+    """`kill` stops a run the way Ctrl-C does: it says how to resume."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv=None) -> int:
     settings = parse_args(argv)
     try:
@@ -369,4 +405,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    _interrupt_on_sigterm()
     sys.exit(main())
