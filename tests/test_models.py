@@ -178,6 +178,22 @@ def test_dead_codes_restart_from_current_encoder_vectors():
     assert book.steps_since_used[:2].tolist() == [0, 0]
 
 
+@pytest.mark.parametrize("make", [
+    lambda: vector_quantizer(codebook_size=8, dim=3, latent_size=4, beta=0.25, dead_after=1),
+    lambda: StochasticQuantizer(codebook_size=8, dim=3, dead_after=1),
+], ids=["vector", "stochastic"])
+def test_backward_runs_after_a_dead_code_restart_in_the_same_step(make):
+    quantizer = make().train()
+    quantizer(torch.randn(2, 3, 4, 4, 4))
+    with torch.no_grad():
+        quantizer.codebook.weight[:2] = 100.0  # never chosen: dead after one step
+    z = torch.randn(2, 3, 4, 4, 4, requires_grad=True)
+    out = quantizer(z)
+    assert int(quantizer.codebook.restarts) >= 2
+    (out.f_hat_BCdhw.square().mean() + out.loss).backward()
+    assert z.grad is not None and torch.isfinite(z.grad).all()
+
+
 def test_codebook_usage_is_reported_per_level_after_a_validation_pass():
     model = small("swan")
     model(volumes(2))

@@ -24,8 +24,8 @@ from training import evaluate, train
 from training.recipes import default_corpus
 
 MODELS = ("swan", "swan-rq1")
-TRAIN_ARGS = ["--preset", "cpu", "--steps", "900", "--batch-size", "4", "--val-every", "100",
-              "--checkpoint-every", "100", "--seed", "0"]
+TRAIN_ARGS = ["--preset", "cpu", "--steps", "1500", "--batch-size", "4", "--val-every", "100",
+              "--checkpoint-every", "50", "--seed", "0"]
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parents[2] / "src" / "napari_cryoswan" / "checkpoints"
 
 

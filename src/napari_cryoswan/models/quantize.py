@@ -60,12 +60,13 @@ class Codebook(nn.Module):
         self.register_buffer("counts", torch.zeros(size, dtype=torch.long), persistent=False)
         self.register_buffer("restarts", torch.zeros((), dtype=torch.long), persistent=False)
 
-    def distances(self, z_NC: torch.Tensor) -> torch.Tensor:
-        """Squared distances to every code, up to the per-row constant ‖z‖² (argmin-safe).
+    def distances(self, z_NC: torch.Tensor, weight_VC: torch.Tensor | None = None) -> torch.Tensor:
+        """Squared distances to every code (of `weight_VC`, by default the codebook's), up to the
+        per-row constant ‖z‖² (argmin-safe).
 
         Shape: z_NC (N, C) → (N, V)
         """
-        weight = self.weight
+        weight = self.weight if weight_VC is None else weight_VC
         return torch.addmm(weight.pow(2).sum(1), z_NC, weight.t(), alpha=-2.0)
 
     @torch.no_grad()
@@ -313,7 +314,9 @@ class StochasticQuantizer(nn.Module):
         if self.training and not bool(self.codebook.initialised):
             self.codebook.seed_(z_NC.detach(), 0, self.codebook.size)
             self.codebook.initialised.fill_(True)
-        dist_NV = self.codebook.distances(z_NC) + z_NC.pow(2).sum(1, keepdim=True)
+        # Autograd keeps this copy: the dead-code restart below rewrites the codebook in place.
+        weight_VC = self.codebook.weight.clone()
+        dist_NV = self.codebook.distances(z_NC, weight_VC) + z_NC.pow(2).sum(1, keepdim=True)
         logits_NV = -dist_NV / (2 * self.log_variance.exp())
         log_probs_NV = logits_NV.log_softmax(-1)
         probs_NV = log_probs_NV.exp()
@@ -321,7 +324,7 @@ class StochasticQuantizer(nn.Module):
         loss = ((probs_NV * dist_NV).sum(-1) / (2 * self.log_variance.exp()) + kl_N).mean()
         idx_N = dist_NV.detach().argmin(-1)
         if self.training:
-            zq_NC = F.gumbel_softmax(logits_NV, tau=self.temperature) @ self.codebook.weight
+            zq_NC = F.gumbel_softmax(logits_NV, tau=self.temperature) @ weight_VC
         else:
             zq_NC = self.codebook.lookup(idx_N)
         self.codebook.record_(idx_N, self.training)
