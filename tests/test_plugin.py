@@ -127,9 +127,12 @@ def test_main_command_opens_the_sample_in_3d(monkeypatch, qtbot):
         shown["layers"] = [layer.name for layer in viewer.layers]
         shown["ndisplay"] = viewer.dims.ndisplay
         shown["docks"] = set(viewer.window.dock_widgets)
+        reconstruct = viewer.window.dock_widgets["Reconstruct (Cryo-SWAN) (napari-cryoswan)"]
+        shown["chosen map"] = reconstruct.layer.value.name  # ready for one click
         viewer.close()
 
     monkeypatch.setattr(napari, "run", fake_run)
     main([])
     assert shown["layers"] == ["4JSV simulated (8 Å, 4 Å/voxel)"] and shown["ndisplay"] == 3
     assert {"Reconstruct (Cryo-SWAN) (napari-cryoswan)", "FSC plot (napari-cryoswan)"} <= shown["docks"]
+    assert shown["chosen map"] == shown["layers"][0]

@@ -19,6 +19,7 @@ def viewer_with_widget(make_napari_viewer, small_checkpoints):
     viewer.window.add_dock_widget(widget)
     widget.checkpoint.value = str(small_checkpoints["swan"])
     widget.rq1_checkpoint.value = str(small_checkpoints["swan-rq1"])
+    widget.compare_rq1.value = True
     widget.device.value = "cpu"
     return viewer, widget
 
@@ -106,6 +107,9 @@ def test_result_for_a_deleted_layer_is_dropped(qtbot, viewer_with_widget, make_b
     qtbot.waitUntil(lambda: not widget.jobs.running, timeout=60_000)
     assert [layer.name for layer in viewer.layers] == ["other"]
     assert other.metadata.get("level") is None
+    assert "dropped" in widget.status.value and "removed" in widget.status.value
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    assert widget._napari_progress is None
 
 
 def test_result_for_changed_data_is_dropped(qtbot, viewer_with_widget, make_blob_map, monkeypatch):
@@ -117,6 +121,28 @@ def test_result_for_changed_data_is_dropped(qtbot, viewer_with_widget, make_blob
     source.data = source.data * 2
     qtbot.waitUntil(lambda: not widget.jobs.running, timeout=60_000)
     assert [layer.name for layer in viewer.layers] == ["blobs"]
+    assert "dropped" in widget.status.value and "changed" in widget.status.value
+    assert widget.run_button.enabled
+
+
+def test_without_an_rq1_checkpoint_rq1_is_stated_unavailable(qtbot, viewer_with_widget, make_blob_map):
+    viewer, widget = viewer_with_widget
+    source = add_map(viewer, make_blob_map(), "blobs")
+    widget.layer.value = source
+    widget.rq1_checkpoint.value = ""
+    run_and_wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["blobs", "blobs RQ1+RQ2", "blobs RQ1+RQ2 − input"]
+    assert "RQ1 alone: unavailable" in widget.status.value
+
+
+def test_a_two_level_model_in_the_rq1_slot_is_refused(qtbot, viewer_with_widget, make_blob_map,
+                                                       small_checkpoints):
+    viewer, widget = viewer_with_widget
+    widget.layer.value = add_map(viewer, make_blob_map(), "blobs")
+    widget.rq1_checkpoint.value = str(small_checkpoints["swan"])
+    run_and_wait(qtbot, widget)
+    assert "not the RQ1-only Cryo-SWAN ablation" in widget.status.value
+    assert [layer.name for layer in viewer.layers] == ["blobs"] and widget.run_button.enabled
 
 
 def test_missing_checkpoint_is_reported(qtbot, viewer_with_widget, make_blob_map, tmp_path):

@@ -43,10 +43,12 @@ class LayerJobRunner:
     def running(self) -> bool:
         return self.worker is not None
 
-    def start(self, layer, compute: Callable, on_result: Callable, on_error: Callable) -> Job:
+    def start(self, layer, compute: Callable, on_result: Callable, on_error: Callable,
+              on_dropped: Callable) -> Job:
         """Run ``compute(stage, should_stop)`` in a worker thread.
 
-        ``on_result(job, value)`` is called in the UI thread only for a current result;
+        Exactly one of these is called in the UI thread when it ends: ``on_result(job, value)``
+        for a current result, ``on_dropped(job, reason)`` for a stale one, and
         ``on_error(job, exception)`` for failures and cancellations.
         """
         # superqt's worker, not napari's: napari's also reports every error (a cancellation
@@ -59,7 +61,7 @@ class LayerJobRunner:
         self._cancel_requested = False
         worker = create_worker(compute, self._relay.stage.emit, lambda: self._cancel_requested,
                                _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda value: self._deliver(job, value, on_result))
+        worker.returned.connect(lambda value: self._deliver(job, value, on_result, on_dropped))
         worker.errored.connect(lambda err: on_error(job, err))
         worker.finished.connect(lambda: self._finished(worker))
         self.worker = worker
@@ -79,14 +81,12 @@ class LayerJobRunner:
             return f"the data of its input layer '{job.layer.name}' changed"
         return None
 
-    def _deliver(self, job: Job, value, on_result: Callable) -> None:
+    def _deliver(self, job: Job, value, on_result: Callable, on_dropped: Callable) -> None:
         reason = self.stale_reason(job)
         if reason is None:
             on_result(job, value)
         else:
-            from napari.utils.notifications import show_info
-
-            show_info(f"A result was dropped because {reason}.")
+            on_dropped(job, reason)
 
     def _finished(self, worker) -> None:
         if self.worker is worker:

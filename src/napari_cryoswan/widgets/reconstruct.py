@@ -31,7 +31,8 @@ class ReconstructWidget(Container):
         self.viewer = viewer
         self.layer = ComboBox(label="map", choices=self._image_layers, nullable=True)
         self.checkpoint = FileEdit(label="checkpoint", value=_bundled("swan"), filter="*.pt")
-        self.compare_rq1 = CheckBox(text="also RQ1 alone (ablation checkpoint)", value=True)
+        self.compare_rq1 = CheckBox(text="also RQ1 alone (ablation checkpoint)",
+                                    value=bool(_bundled("swan-rq1")))
         self.rq1_checkpoint = FileEdit(label="RQ1 checkpoint", value=_bundled("swan-rq1"),
                                        filter="*.pt")
         self.device = ComboBox(label="device", choices=DEVICES, value="auto")
@@ -63,6 +64,9 @@ class ReconstructWidget(Container):
 
     def _refresh_layers(self, event=None) -> None:
         self.layer.reset_choices()
+        maps = [choice for choice in self.layer.choices if choice is not None]
+        if self.layer.value is None and maps:
+            self.layer.value = maps[-1]  # the newest map, ready for one click
         self._describe()
 
     def _describe(self, *args) -> None:
@@ -77,10 +81,10 @@ class ReconstructWidget(Container):
 
     def _checkpoint_paths(self) -> list[Path]:
         paths = [Path(self.checkpoint.value)]
-        if self.compare_rq1.value:
+        if self.compare_rq1.value and _chosen(self.rq1_checkpoint.value):
             paths.append(Path(self.rq1_checkpoint.value))
         for path in paths:
-            if not str(path) or str(path) == "." or not path.is_file():
+            if not _chosen(path) or not path.is_file():
                 raise FileNotFoundError(
                     f"Checkpoint '{path}' does not exist. Choose a checkpoint file (.pt), or "
                     "untick the RQ1 comparison if you have no RQ1 checkpoint.")
@@ -109,7 +113,7 @@ class ReconstructWidget(Container):
         self.status.value = f"Reconstructing {layer.name}…"
         self._napari_progress = progress(total=len(paths) + 2, desc=f"Cryo-SWAN: {layer.name}")
         self.jobs.start(layer, lambda stage, stop: _compute(density, paths, device, stage, stop),
-                        self._add_layers, self._on_error)
+                        self._add_layers, self._on_error, self._on_dropped)
 
     def _on_stage(self, done: int, total: int, message: str) -> None:
         self.progress.max = total
@@ -128,7 +132,16 @@ class ReconstructWidget(Container):
         for data, kwargs, kind in result_layer_data(job.layer, source, result):
             added.append(self.viewer.add_layer(_make_layer(data, kwargs, kind)))
         self.status.value = "Done: " + ", ".join(layer.name for layer in added)
+        if not any(level.level == "RQ1" for level in result.levels):
+            self.status.value += ". RQ1 alone: unavailable (no RQ1 ablation checkpoint chosen)."
         self._set_running(False)
+
+    def _on_dropped(self, job, reason: str) -> None:
+        from napari.utils.notifications import show_info
+
+        self._set_running(False)
+        self.status.value = f"Result dropped: {reason}."
+        show_info(f"A result was dropped because {reason}.")
 
     def _on_error(self, job, error) -> None:
         from napari.utils.notifications import show_error
@@ -150,14 +163,24 @@ class ReconstructWidget(Container):
             self._napari_progress = None
 
 
+def _chosen(path) -> bool:
+    """Whether a FileEdit names a file at all: an emptied one reads as '', '.' or a folder."""
+    return str(path) not in ("", ".") and not Path(path).is_dir()
+
+
 def _compute(density, paths, device_name, stage, should_stop):
     """The worker's job: load the checkpoints and reconstruct (runs off the UI thread)."""
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import CheckpointError, load_checkpoint
     from ..engine import choose_device
     from ..reconstruction import reconstruct_map
 
     device = choose_device(device_name)
     checkpoints = [load_checkpoint(path) for path in paths]
+    if len(checkpoints) > 1 and checkpoints[1].model.name != "swan-rq1":
+        raise CheckpointError(
+            f"The RQ1 checkpoint {paths[1].name} holds a '{checkpoints[1].model.name}' model, not "
+            "the RQ1-only Cryo-SWAN ablation ('swan-rq1'). Choose a swan-rq1 checkpoint, or untick "
+            "the RQ1 comparison.")
     return reconstruct_map(density, checkpoints, device, stage=stage, should_stop=should_stop)
 
 
