@@ -100,8 +100,10 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
 
     rank, world = _distributed_setup()
     out = Path(settings.out)
-    _check_run_folder(out, settings.resume)
-    run_lock = _lock_run_folder(out) if rank == 0 else None
+    run_lock = None
+    if rank == 0:  # the one writer of the run folder; other ranks only read last.pt
+        _check_run_folder(out, settings.resume)
+        run_lock = _lock_run_folder(out)
     device = choose_device(settings.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -120,9 +122,9 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
         last = load_checkpoint(out / "last.pt")
         model.load_state_dict(last.model.state_dict())
         start_step, best_val = _restore(model, optimizer, last.training, device)
-        _truncate_logs(out, start_step)
+        if rank == 0:
+            _truncate_logs(out, start_step)
     elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({
             **asdict(settings), "corpus_id": corpus.corpus_id, "world_size": world}, indent=2))
 

@@ -24,7 +24,7 @@ from training import evaluate, train
 from training.recipes import default_corpus
 
 MODELS = ("swan", "swan-rq1")
-TRAIN_ARGS = ["--preset", "cpu", "--steps", "1500", "--batch-size", "4", "--val-every", "100",
+TRAIN_ARGS = ["--steps", "1500", "--batch-size", "4", "--val-every", "100",
               "--checkpoint-every", "50", "--seed", "0"]
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parents[2] / "src" / "napari_cryoswan" / "checkpoints"
 
@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("data_dir", type=Path, help="the offline data folder (structures/, meshes/)")
     parser.add_argument("--work", type=Path, default=Path("runs"), help="corpus, runs and report")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--preset", default="cpu", choices=("cpu", "full"),
+                        help="'cpu' (the shipped weights) or 'full' (the paper's codebook of 4096; a GPU's work)")
     parser.add_argument("--install", action="store_true",
                         help="replace the checkpoints shipped in src/napari_cryoswan/checkpoints")
     args = parser.parse_args(argv)
@@ -47,10 +49,14 @@ def main(argv=None) -> int:
     finals = []
     for model in MODELS:
         out = args.work / model
+        if out.is_dir() and not (out / "last.pt").is_file() and not (out / "model.pt").is_file():
+            print(f"{out} stopped before its first checkpoint: starting {model} again")
+            shutil.rmtree(out)
         resume = ["--resume"] if (out / "last.pt").is_file() else []
         if not (out / "model.pt").is_file():
             code = train.main(["--model", model, "--corpus", str(corpus), "--out", str(out),
-                               "--device", args.device, *TRAIN_ARGS, *resume])
+                               "--device", args.device, "--preset", args.preset, *TRAIN_ARGS,
+                               *resume])
             if code:
                 return code
         finals.append(out / "model.pt")

@@ -1,0 +1,46 @@
+"""The one-command recipe of the bundled checkpoints: its flow, without the hour of training."""
+
+from pathlib import Path
+
+from training.recipes import default_checkpoints as recipe
+
+
+def fake_tools(monkeypatch, calls):
+    def fake_train(argv):
+        out = Path(argv[argv.index("--out") + 1])
+        calls.append(("train", argv))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model.pt").write_bytes(b"weights of " + out.name.encode())
+        return 0
+
+    monkeypatch.setattr(recipe.default_corpus, "main", lambda argv: calls.append(("corpus", argv)) or 0)
+    monkeypatch.setattr(recipe.train, "main", fake_train)
+    monkeypatch.setattr(recipe.evaluate, "main", lambda argv: calls.append(("evaluate", argv)) or 0)
+
+
+def test_recipe_resumes_a_killed_run_and_restarts_one_killed_before_its_first_checkpoint(
+        monkeypatch, tmp_path):
+    calls = []
+    fake_tools(monkeypatch, calls)
+    (tmp_path / "swan").mkdir()
+    (tmp_path / "swan" / "last.pt").write_bytes(b"state")  # killed after a checkpoint
+    (tmp_path / "swan-rq1").mkdir()
+    (tmp_path / "swan-rq1" / "config.json").write_text("{}")  # killed before its first one
+    assert recipe.main(["data", "--work", str(tmp_path), "--preset", "full"]) == 0
+    trains = {argv[argv.index("--model") + 1]: argv for kind, argv in calls if kind == "train"}
+    assert "--resume" in trains["swan"] and "--resume" not in trains["swan-rq1"]
+    assert all(argv[argv.index("--preset") + 1] == "full" for argv in trains.values())
+    assert not (tmp_path / "swan-rq1" / "config.json").exists()
+    evaluated = next(argv for kind, argv in calls if kind == "evaluate")
+    assert evaluated[evaluated.index("--split") + 1] == "test"
+
+
+def test_recipe_installs_the_weights_only_when_asked(monkeypatch, tmp_path):
+    fake_tools(monkeypatch, [])
+    package = tmp_path / "package_checkpoints"
+    monkeypatch.setattr(recipe, "PACKAGE_CHECKPOINTS", package)
+    assert recipe.main(["data", "--work", str(tmp_path / "work")]) == 0
+    assert not package.exists()
+    assert recipe.main(["data", "--work", str(tmp_path / "work"), "--install"]) == 0
+    assert (package / "swan.pt").read_bytes() == b"weights of swan"
+    assert (package / "swan-rq1.pt").read_bytes() == b"weights of swan-rq1"
