@@ -173,13 +173,15 @@ def test_big_map_is_cropped_with_a_warning():
 
 
 def test_contour_mask_in_the_pipeline_removes_background():
-    blob = gaussian_blob((40, 40, 40), (20, 20, 20), sigma=3.0)
+    # A full 64³ box, so the corners hold background noise rather than padding.
+    blob = gaussian_blob((64, 64, 64), (32, 32, 32), sigma=3.0)
     noise = 0.05 * np.random.default_rng(5).normal(size=blob.shape).astype(np.float32)
     density = DensityMap(blob + noise, (4.0, 4.0, 4.0))
-    settings = PreprocessSettings(contour_level=0.3, normalise=False)
-    out = preprocess(density, settings)
-    corners = out.data[:5, :5, :5]
-    assert np.all(corners == 0)
+    unmasked = preprocess(density, PreprocessSettings(normalise=False))
+    out = preprocess(density, PreprocessSettings(contour_level=0.3, normalise=False))
+    assert np.abs(unmasked.data[:5, :5, :5]).max() > 0.01
+    assert np.all(out.data[:5, :5, :5] == 0)
+    assert out.data.max() > 0.5 * unmasked.data.max()  # the particle itself is kept
     assert out.record.contour_level == 0.3
 
 
