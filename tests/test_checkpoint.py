@@ -1,5 +1,7 @@
 """Checkpoints: round trip, provenance, atomic writes and clear refusals."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +10,7 @@ from napari_cryoswan.checkpoint import (
     bundled_checkpoint_path,
     checkpoint_id,
     load_checkpoint,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from napari_cryoswan.models.registry import build_model
@@ -105,3 +108,6 @@ def test_unknown_model_name_is_refused(tmp_path, small_swan):
 def test_unknown_bundled_name():
     with pytest.raises(CheckpointError, match="No bundled checkpoint"):
         bundled_checkpoint_path("vq")
+    with pytest.raises(CheckpointError, match="No bundled checkpoint"):
+        resolve_checkpoint("bundled:vq")
+    assert resolve_checkpoint("runs/vq/model.pt") == Path("runs/vq/model.pt")

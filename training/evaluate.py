@@ -269,7 +269,8 @@ class _atomic_open(_atomic_path):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint files (.pt)")
+    p.add_argument("--checkpoints", nargs="+", required=True,
+                   help="checkpoint files (.pt), or bundled:swan and bundled:swan-rq1 for the shipped weights")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="a corpus folder from training.build_corpus")
     source.add_argument("--maps", help="a folder of maps, preprocessed to 64³ at 4 Å")
@@ -281,12 +282,13 @@ def main(argv=None) -> int:
     p.add_argument("--voxel-size", type=float, default=4.0, help="Å per voxel of the volumes")
     args = p.parse_args(argv)
 
-    from napari_cryoswan.checkpoint import CheckpointError
+    from napari_cryoswan.checkpoint import CheckpointError, resolve_checkpoint
     from napari_cryoswan.engine import choose_device
 
     try:
+        checkpoints = [resolve_checkpoint(spec) for spec in args.checkpoints]
         volumes, description = load_volumes(args.corpus, args.split, args.maps, args.limit)
-        results = evaluate_checkpoints(args.checkpoints, volumes, args.voxel_size,
+        results = evaluate_checkpoints(checkpoints, volumes, args.voxel_size,
                                        choose_device(args.device), args.batch_size)
     except (CheckpointError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

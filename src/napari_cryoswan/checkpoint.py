@@ -147,6 +147,15 @@ def bundled_checkpoint_path(name: str = "swan") -> Path:
         return Path(path)
 
 
+def resolve_checkpoint(spec: str | os.PathLike) -> Path:
+    """A checkpoint named on a command line: ``bundled:swan`` / ``bundled:swan-rq1`` for the
+    weights shipped in the package, anything else a file path."""
+    text = str(spec)
+    if text.startswith("bundled:"):
+        return bundled_checkpoint_path(text.removeprefix("bundled:"))
+    return Path(text)
+
+
 def checkpoint_id(path: str | os.PathLike) -> str:
     """A short content hash that names a checkpoint in layer metadata and reports."""
     digest = hashlib.sha256()
