@@ -68,7 +68,8 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--corpus", required=True, help="a corpus folder from training.build_corpus")
     p.add_argument("--out", required=True, help="the run folder to write")
     p.add_argument("--preset", default="full", choices=PRESETS,
-                   help="model size: 'full' (the trained configuration) or 'small' (CPU demos)")
+                   help="model size: 'full' (the paper's codebook of 4096; a GPU's work), 'cpu' (swan and "
+                        "swan-rq1 only: the bundled checkpoints) or 'small' (tests, CPU demos)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps in all")
     p.add_argument("--batch-size", type=int, default=8, help="global batch (split across ranks)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
