@@ -69,6 +69,7 @@ def test_resume_after_a_kill_reaches_the_uninterrupted_state(tiny_corpus, tmp_pa
     assert_same_weights(state(resumed), state(straight))
     rows = list(csv.DictReader(open(tmp_path / "killed" / "train_log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]  # no step logged twice
+    assert json.loads((tmp_path / "killed" / "config.json").read_text())["resumed_at_steps"] == [3]
 
 
 def test_a_fixed_seed_reproduces_a_run_and_another_seed_does_not(tiny_corpus, tmp_path):

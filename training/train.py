@@ -125,6 +125,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
         start_step, best_val = _restore(model, optimizer, last.training, device)
         if rank == 0:
             _truncate_logs(out, start_step)
+            _record_resume(out, settings, start_step)
     elif rank == 0:
         (out / "config.json").write_text(json.dumps({
             **asdict(settings), "corpus_id": corpus.corpus_id, "world_size": world}, indent=2))
@@ -320,6 +321,17 @@ def _truncate_logs(out: Path, step: int) -> None:
         tmp = val.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, val)
+
+
+def _record_resume(out: Path, settings: TrainSettings, start_step: int) -> None:
+    """Keep config.json true to the run: a resume may extend --steps, and it says where it began."""
+    path = out / "config.json"
+    config = json.loads(path.read_text()) if path.exists() else asdict(settings)
+    config["steps"] = settings.steps
+    config.setdefault("resumed_at_steps", []).append(start_step)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, path)
 
 
 def _last_validation(out: Path) -> dict:
