@@ -111,3 +111,19 @@ def test_unknown_bundled_name():
     with pytest.raises(CheckpointError, match="No bundled checkpoint"):
         resolve_checkpoint("bundled:vq")
     assert resolve_checkpoint("runs/vq/model.pt") == Path("runs/vq/model.pt")
+
+
+@pytest.mark.parametrize("name, levels", [("swan", 2), ("swan-rq1", 1)])
+def test_bundled_checkpoints_load_offline_and_reconstruct(name, levels):
+    loaded = load_checkpoint(resolve_checkpoint(f"bundled:{name}"))
+    assert loaded.model.name == name and loaded.model.config.levels == levels
+    assert loaded.provenance["corpus_id"] and loaded.provenance["step"] > 0
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        recon = loaded.model.reconstruct(x)
+    assert recon.shape == x.shape and torch.isfinite(recon).all()
+
+
+def test_bundled_weights_fit_the_size_budget():
+    total = sum(bundled_checkpoint_path(name).stat().st_size for name in ("swan", "swan-rq1"))
+    assert total <= 50 * 2**20

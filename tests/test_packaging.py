@@ -23,6 +23,7 @@ def test_wheel_holds_the_manifest_data_and_training(tmp_path):
     assert manifest == (ROOT / "napari.yaml").read_text()
     assert "napari-cryoswan = napari_cryoswan:napari.yaml" in entry_points
     assert {"napari_cryoswan/data/4JSV.pdb.gz", "napari_cryoswan/data/emd_3197.map.gz",
+            "napari_cryoswan/checkpoints/swan.pt", "napari_cryoswan/checkpoints/swan-rq1.pt",
             "training/__init__.py"} <= names
 
 
