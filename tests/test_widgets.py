@@ -172,7 +172,8 @@ def test_fsc_widget_follows_reconstructions_and_pairs(qtbot, viewer_with_widget,
     expected = fsc_between_maps(density_from_layer(source), density_from_layer(recon))
     np.testing.assert_allclose(pair["correlation"], expected.correlation)
     assert len(plot.axes.lines) == 3 + 2  # three curves and the 0.5 and 0.143 lines
-    assert "Å (0.5)" in plot.axes.get_legend().get_texts()[0].get_text()
+    (legend,) = plot.figure.legends
+    assert "Å at 0.5" in legend.get_texts()[0].get_text()
 
     for suffix in ("png", "svg"):
         assert plot.save_figure(tmp_path / f"fsc.{suffix}").stat().st_size > 1000

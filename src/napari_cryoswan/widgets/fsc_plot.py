@@ -7,6 +7,7 @@ user adds. The figure saves as PNG or SVG, the curves as CSV.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, PushButton
@@ -24,6 +25,7 @@ class FSCWidget(QWidget):
         self.viewer = viewer
         self.figure = Figure(figsize=(4.5, 3.2), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(380)  # a docked plot must stay readable beside tall docks
         self.axes = self.figure.add_subplot()
         self.pairs: dict[str, dict] = {}  # user-added pair curves, label → FSCCurve.to_dict()
 
@@ -89,9 +91,10 @@ class FSCWidget(QWidget):
         ax.set_facecolor(background)
         curves = self.curves()
         for label, curve in curves.items():
+            # Layer names run long: wrap them so the legend below the axes stays narrow.
             ax.plot(curve["frequency"], curve["correlation"],
-                    label=f"{label}: {curve['resolution_0.5']:.1f} Å (0.5), "
-                          f"{curve['resolution_0.143']:.1f} Å (0.143)")
+                    label=f"{textwrap.fill(label, 50)}\n{curve['resolution_0.5']:.1f} Å at 0.5, "
+                          f"{curve['resolution_0.143']:.1f} Å at 0.143")
         for threshold in FSC_THRESHOLDS:
             ax.axhline(threshold, color=text, lw=0.7, ls="--", alpha=0.7)
             ax.annotate(f"{threshold:g}", (1.0, threshold), xycoords=("axes fraction", "data"),
@@ -102,8 +105,11 @@ class FSCWidget(QWidget):
         ax.tick_params(colors=text)
         for spine in ax.spines.values():
             spine.set_color(text)
+        for legend in self.figure.legends:
+            legend.remove()
         if curves:
-            ax.legend(fontsize=7, facecolor=background, labelcolor=text, edgecolor=text)
+            self.figure.legend(loc="outside lower center", fontsize=7, facecolor=background,
+                               labelcolor=text, edgecolor=text)
         else:
             ax.text(0.5, 0.5, "Reconstruct a map, or add a pair of maps", ha="center",
                     transform=ax.transAxes, color=text)
