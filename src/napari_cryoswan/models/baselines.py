@@ -311,6 +311,9 @@ class TargetConfig:
         self.widths = tuple(self.widths)
 
 
+POSE_LOGVAR_INIT = -6.0  # initial log-variance of TARGET-VAE's rotation and translation posteriors
+
+
 class TargetVAE(_CoordinateVAE):
     """Pose-disentangled VAE: q(z, R, t | x), and p(x | z) evaluated on the grid moved by R, t.
 
@@ -333,6 +336,11 @@ class TargetVAE(_CoordinateVAE):
         self.attention = nn.Conv3d(config.widths[-1], 1, 1)
         # z mean and log-variance, rotation mean and log-variance, translation log-variance
         self.heads = nn.Linear(config.widths[-1], 2 * config.z_dim + 9)
+        # Start the pose posteriors narrow (std 0.05). Started at the prior's width, the decoder
+        # sees a fresh random rotation of about 1 rad every step and learns only the
+        # rotation-averaged density, the mean, which is where an early version stayed stuck.
+        with torch.no_grad():
+            self.heads.bias[2 * config.z_dim + 3:].fill_(POSE_LOGVAR_INIT)
         latent_size = config.volume_size // 2 ** len(config.widths)
         self.register_buffer("positions_M3", voxel_grid(latent_size), persistent=False)
 
