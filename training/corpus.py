@@ -33,11 +33,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from napari_cryoswan._atomic import atomic_path
 
 FORMAT = "cryoswan-corpus"
 FORMAT_VERSION = 1
@@ -245,17 +246,10 @@ def compute_corpus_id(manifest: dict) -> str:
 
 def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     """Write JSON beside ``path`` and rename it into place: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 class CorpusWriter:
@@ -439,10 +433,8 @@ def read_journal(path: Path) -> list[dict]:
 
 
 def _rewrite_lines(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         fh.write("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
 
 
 def _now() -> str:

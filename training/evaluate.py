@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from napari_cryoswan._atomic import atomic_path
 from napari_cryoswan.metrics import (
     DEFAULT_BINARY_LEVEL_SIGMA,
     FSC_THRESHOLDS,
@@ -125,7 +124,7 @@ def write_report(results: list[ModelResult], out: Path, description: str) -> Non
     _write_atomic(out / "report.json", json.dumps({
         "data": description, "binarisation": BINARISATION, "intensity_scale": INTENSITY_SCALE,
         "results": [r.__dict__ for r in results]}, indent=2))
-    with _atomic_open(out / "report.csv") as f:
+    with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "checkpoint", "checkpoint_id", *METRIC_COLUMNS])
         for r in results:
@@ -229,41 +228,13 @@ def _plot_usage(results: list[ModelResult], path: Path) -> None:
 
 
 def _save_figure(fig, path: Path) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, format=path.suffix.lstrip("."))
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    with _atomic_open(path) as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         f.write(text)
-
-
-class _atomic_path:
-    """A temporary name beside ``path`` that becomes ``path`` when the block succeeds."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> str:
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        os.close(fd)
-        return self.tmp
-
-    def __exit__(self, exc_type, *exc):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        else:
-            Path(self.tmp).unlink(missing_ok=True)
-
-
-class _atomic_open(_atomic_path):
-    def __enter__(self):
-        self.file = open(super().__enter__(), "w", newline="")
-        return self.file
-
-    def __exit__(self, *exc):
-        self.file.close()
-        super().__exit__(*exc)
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from importlib.resources import as_file, files
 from pathlib import Path
+
+from ._atomic import atomic_path
 
 FORMAT = "napari-cryoswan"
 FORMAT_VERSION = 1
@@ -74,14 +75,8 @@ def save_checkpoint(
     if training is not None:
         payload["training"] = training
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp_name:
         torch.save(payload, tmp_name)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return path
 
 

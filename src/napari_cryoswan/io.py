@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from ._atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -223,9 +224,7 @@ def write_map(
         raise FileExistsError(f"{path} exists. Choose another name, or pass overwrite=True.")
 
     compression = "gzip" if path.name.lower().endswith(".gz") else None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp_name:
         with mrcfile.new(tmp_name, overwrite=True, compression=compression) as mrc:
             mrc.set_data(np.ascontiguousarray(data, dtype=np.float32))
             mrc.voxel_size = tuple(voxel_zyx[::-1])
@@ -233,10 +232,6 @@ def write_map(
             mrc.update_header_stats()
             if label:
                 mrc.add_label(label[:80])
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -1,0 +1,39 @@
+"""Atomic file writes: a temporary file beside the target, renamed into place once complete, so
+a reader, a crash or a full disk never leaves half a file under the target's name."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+# Read once, at import: changing the umask is process-wide and not thread-safe.
+_NEW_FILE_MODE = 0o666 & ~_read_umask()
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary file name beside ``path`` to write to.
+
+    When the block succeeds the file replaces ``path``, with the permissions a new file gets
+    (mkstemp's are owner-only); when it fails the temporary file is removed.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _NEW_FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
