@@ -180,6 +180,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
         save_checkpoint(final, model, {**provenance, "step": settings.steps, **last_val},
                         overwrite=True)
         run_lock.close()
+    _check_ranks_agree(model, world)
     _distributed_teardown(world)
     return final
 
@@ -382,6 +383,22 @@ def _sync_codebooks(model, world: int) -> None:
     for book in model.codebooks().values():
         for tensor in [*book.parameters(), *book.buffers()]:
             dist.broadcast(tensor.data, src=0)
+
+
+def _check_ranks_agree(model, world: int) -> None:
+    """Every rank must end with rank 0's weights: DDP averages gradients, but codebooks change
+    outside autograd and agree only through _sync_codebooks. A mismatch fails the run loudly."""
+    if world == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    for name, tensor in model.named_parameters():  # codebooks included; usage counts may differ
+        reference = tensor.detach().clone()
+        dist.broadcast(reference, src=0)
+        if not torch.equal(reference, tensor.detach()):
+            raise RuntimeError(f"rank {dist.get_rank()} ended with a different {name} from rank 0's: "
+                               "the processes did not train one model.")
 
 
 def _distributed_teardown(world: int) -> None:
