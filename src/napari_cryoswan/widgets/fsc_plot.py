@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 from magicgui.widgets import ComboBox, Container, PushButton
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
 from ..metrics import FSC_THRESHOLDS
@@ -26,6 +27,11 @@ class FSCWidget(QWidget):
         self.figure = Figure(figsize=(4.5, 3.2), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(380)  # a docked plot must stay readable beside tall docks
+        # Our own idle redraw: a child timer dies with the widget, whereas matplotlib's
+        # draw_idle could fire after the dock was closed and its canvas deleted.
+        self._draw_timer = QTimer(self)
+        self._draw_timer.setSingleShot(True)
+        self._draw_timer.timeout.connect(self.canvas.draw)
         self.axes = self.figure.add_subplot()
         self.pairs: dict[str, dict] = {}  # user-added pair curves, label → FSCCurve.to_dict()
 
@@ -113,7 +119,7 @@ class FSCWidget(QWidget):
         else:
             ax.text(0.5, 0.5, "Reconstruct a map, or add a pair of maps", ha="center",
                     transform=ax.transAxes, color=text)
-        self.canvas.draw_idle()
+        self._draw_timer.start(0)
 
     def save_figure(self, path: str | Path) -> Path:
         """Save the figure; the format follows the suffix (.png or .svg)."""
