@@ -211,6 +211,16 @@ def test_codebook_usage_is_reported_per_level_after_a_validation_pass():
     assert model.codebook_usage()["rq1"]["assignments"] == 0
 
 
+def test_target_vae_pose_posteriors_start_narrow():
+    # Poses as wide as their 1 rad prior hide the shape from the decoder: it learns only the mean.
+    model = small("target-vae")
+    with torch.no_grad():
+        posterior = model._posterior(volumes(2))
+    for pose in ("rotation", "translation"):
+        assert posterior[pose][1].exp().sqrt().max() < 0.2
+    assert posterior["z"][1].exp().sqrt().min() > 0.2  # the content latent keeps its prior width
+
+
 def test_stochastic_quantizer_samples_while_training_and_is_deterministic_in_eval():
     torch.manual_seed(0)
     quantizer = StochasticQuantizer(codebook_size=16, dim=4)
