@@ -27,11 +27,9 @@ class FSCWidget(QWidget):
         self.figure = Figure(figsize=(4.5, 3.2), layout="constrained")
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(380)  # a docked plot must stay readable beside tall docks
-        # Our own idle redraw: a child timer dies with the widget, whereas matplotlib's
-        # draw_idle could fire after the dock was closed and its canvas deleted.
         self._draw_timer = QTimer(self)
         self._draw_timer.setSingleShot(True)
-        self._draw_timer.timeout.connect(self.canvas.draw)
+        self._draw_timer.timeout.connect(self._draw_now)
         self.axes = self.figure.add_subplot()
         self.pairs: dict[str, dict] = {}  # user-added pair curves, label → FSCCurve.to_dict()
 
@@ -120,6 +118,15 @@ class FSCWidget(QWidget):
             ax.text(0.5, 0.5, "Reconstruct a map, or add a pair of maps", ha="center",
                     transform=ax.transAxes, color=text)
         self._draw_timer.start(0)
+
+    def _draw_now(self) -> None:
+        """Rasterise the figure once the event loop is idle, unless the canvas is gone: a redraw
+        queued just before the dock closed must not raise on its deleted Qt object."""
+        try:
+            self.canvas.draw()
+        except RuntimeError as err:
+            if "deleted" not in str(err):
+                raise
 
     def save_figure(self, path: str | Path) -> Path:
         """Save the figure; the format follows the suffix (.png or .svg)."""
