@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.corpus import Corpus
+from napari_cryoswan._atomic import atomic_path
+from training.corpus import Corpus, write_json_atomic
 
 LOG_FIELDS = ("step", "loss", "recon", "commit", "kl", "volumes_per_s")
 
@@ -127,8 +128,8 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
             _truncate_logs(out, start_step)
             _record_resume(out, settings, start_step)
     elif rank == 0:
-        (out / "config.json").write_text(json.dumps({
-            **asdict(settings), "corpus_id": corpus.corpus_id, "world_size": world}, indent=2))
+        write_json_atomic(out / "config.json", {
+            **asdict(settings), "corpus_id": corpus.corpus_id, "world_size": world})
 
     wrapped = _wrap_distributed(model, device, world)
     provenance = {"corpus": str(settings.corpus), "corpus_id": corpus.corpus_id,
@@ -310,18 +311,15 @@ def _truncate_logs(out: Path, step: int) -> None:
     if log.exists():
         with open(log, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-        tmp = log.with_suffix(".tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(log) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, log)
     val = out / "validation.jsonl"
     if val.exists():
         kept = [line for line in val.read_text().splitlines() if json.loads(line)["step"] <= step]
-        tmp = val.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, val)
+        with atomic_path(val) as tmp:
+            Path(tmp).write_text("".join(line + "\n" for line in kept))
 
 
 def _record_resume(out: Path, settings: TrainSettings, start_step: int) -> None:
@@ -330,9 +328,7 @@ def _record_resume(out: Path, settings: TrainSettings, start_step: int) -> None:
     config = json.loads(path.read_text()) if path.exists() else asdict(settings)
     config["steps"] = settings.steps
     config.setdefault("resumed_at_steps", []).append(start_step)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, config)
 
 
 def _last_validation(out: Path) -> dict:
