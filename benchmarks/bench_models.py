@@ -32,6 +32,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+from _machine import cpu_name
 import torch
 
 from napari_cryoswan.models import MODEL_NAMES, build_model, default_optimizer
@@ -149,7 +150,7 @@ def environment(args, device: torch.device) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.machine(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -169,16 +170,6 @@ def environment(args, device: torch.device) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -81,3 +81,32 @@ def blob_map(shape=(40, 50, 36), voxel=(2.5, 2.5, 2.5), origin=(10.0, -20.0, 5.0
 @pytest.fixture
 def make_blob_map():
     return blob_map
+
+
+@pytest.fixture
+def fake_emdb_env(tmp_path, monkeypatch):
+    """A local EMDB (see test_emdb.py) that the plugin finds through its environment variables."""
+    from test_emdb import FakeEmdb
+
+    (tmp_path / "served").mkdir()
+    server = FakeEmdb(tmp_path / "served", {"EMD-1001": dict(method="singleParticle", mass=0.5)})
+    monkeypatch.setenv("NAPARI_CRYOSWAN_EMDB_API", f"{server.url}/api")
+    monkeypatch.setenv("NAPARI_CRYOSWAN_EMDB_FILES", f"{server.url}/files")
+    monkeypatch.setenv("NAPARI_CRYOSWAN_CACHE", str(tmp_path / "cache"))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def viewer_with_reconstruct(make_napari_viewer, small_checkpoints):
+    """A viewer with the Reconstruct widget docked, on the small test checkpoints and the CPU."""
+    from napari_cryoswan.widgets.reconstruct import ReconstructWidget
+
+    viewer = make_napari_viewer()
+    widget = ReconstructWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.checkpoint.value = str(small_checkpoints["swan"])
+    widget.rq1_checkpoint.value = str(small_checkpoints["swan-rq1"])
+    widget.compare_rq1.value = True
+    widget.device.value = "cpu"
+    return viewer, widget

@@ -70,7 +70,7 @@ def test_foreign_files_are_refused(tmp_path):
         load_checkpoint(plain)
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable napari-cryoswan checkpoint"):
         load_checkpoint(text)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "absent.pt")
@@ -83,7 +83,7 @@ def test_code_cannot_run_on_load(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"format": "napari-cryoswan", "payload": Exploit()}, path)
-    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable napari-cryoswan checkpoint"):
         load_checkpoint(path)
 
 

@@ -1,4 +1,5 @@
-"""The EMDB curation against a real HTTP server on 127.0.0.1 that answers like EMDB."""
+"""The EMDB client, opening one entry, and the curation, against a real HTTP server on
+127.0.0.1 that answers like EMDB (and misbehaves as servers do)."""
 
 import base64
 import csv
@@ -84,6 +85,7 @@ ENTRIES = {
         {"molecular_weight": {"theoretical": {"valueOf_": "0.06", "units": "MDa"}}, "number_of_copies": "4"}]),
 }
 KEEPABLE = {"EMD-1001", "EMD-1003", "EMD-1006", "EMD-1008"}
+ALWAYS = 10**9  # misbehave on every request
 
 
 class FakeEmdb:
@@ -92,7 +94,10 @@ class FakeEmdb:
     ``fail_first``: paths answered 503 the first time; ``corrupt_first`` / ``always_corrupt``:
     map paths whose bytes are damaged (same length, so only a checksum can tell); ``no_md5``:
     map paths served without Content-MD5 (as EMDB's file server does), so only the gzip CRC
-    can tell; ``map_delay``: seconds each map response takes.
+    can tell; ``map_delay``: seconds each map response takes. Misbehaviour, each a dict of
+    path → how many requests it hits (``ALWAYS`` for every one): ``drop`` closes the connection
+    without an answer, ``truncate`` sends half the announced bytes and closes, ``stall`` sends
+    half and then goes silent until the server closes.
     """
 
     def __init__(self, tmp_path, entries=ENTRIES):
@@ -102,9 +107,12 @@ class FakeEmdb:
                      for n, i in enumerate(entries)}
         self.fail_first, self.corrupt_first, self.always_corrupt, self.no_md5 = set(), set(), set(), set()
         self.map_delay = 0.0
+        self.drop, self.truncate, self.stall = {}, {}, {}
         self.log: list[tuple[float, str]] = []
         self._lock = threading.Lock()
+        self.release = threading.Event()  # ends every stall
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -121,6 +129,20 @@ class FakeEmdb:
             self.log.append((time.monotonic(), parsed.path))
         if parsed.path in self.fail_first and not seen_before:
             return _send(handler, 503, b"busy", {"Retry-After": "0"})
+        if seen_before < self.drop.get(parsed.path, 0):
+            handler.close_connection = True
+            return None  # nothing at all: the client sees the connection close
+        if seen_before < self.truncate.get(parsed.path, 0) or seen_before < self.stall.get(parsed.path, 0):
+            body = self.maps.get(parsed.path) or b"x" * 4096
+            handler.send_response(200)
+            handler.send_header("Content-Length", str(len(body)))
+            handler.end_headers()
+            handler.wfile.write(body[: len(body) // 2])
+            handler.wfile.flush()
+            if seen_before < self.stall.get(parsed.path, 0):
+                self.release.wait(60)
+            handler.close_connection = True
+            return None
         if parsed.path.startswith("/api/search/"):
             query = urllib.parse.parse_qs(parsed.query)
             rows, page = int(query["rows"][0]), int(query["page"][0])
@@ -154,6 +176,7 @@ class FakeEmdb:
         return Handler
 
     def close(self):
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -233,7 +256,7 @@ def test_curation_filters_retries_verifies_and_respects_the_rate_limit(fake_emdb
     with open(tmp_path / "dl" / "emdb_maps.csv") as fh:
         rows = {r["emdb_id"]: r for r in csv.DictReader(fh)}
     assert set(rows) == KEEPABLE and float(rows["EMD-1001"]["contour"]) == pytest.approx(0.2)
-    assert not any((tmp_path / "dl" / "maps" / "partial").iterdir())
+    assert not list((tmp_path / "dl" / "maps").glob(".*.tmp"))  # no partial download left
     # The rate limit: the client never sends two requests closer than 1/rate, and the server saw
     # them arrive over at least (n - 1)/rate (with slack for the network).
     interval = 1 / settings.requests_per_second
@@ -295,6 +318,7 @@ def test_a_killed_build_resumes_without_fetching_finished_maps_again(fake_emdb, 
     map_requests = {i: fake_emdb.requests_to(fake_emdb.map_path(i)) for i in expected}
     assert all(map_requests[i] == 1 for i in done_before)  # finished maps are not fetched again
     assert all(1 <= n <= 2 for n in map_requests.values())  # at most one cut off by the kill
+    assert not list((downloads / "maps").glob(".*.tmp"))  # the cut-off download was cleared
     data = Corpus(corpus)
     assert {s["entry_id"] for s in data.samples} == expected
     assert all(s["source_kind"] == "emdb" and s["preprocessing"]["contour_level"] == pytest.approx(0.2)
@@ -316,3 +340,132 @@ def _kept_ids(state_file: Path) -> set[str]:
         if record.get("status") == "kept":
             kept.add(record["emdb_id"])
     return kept
+
+
+# --- Opening one entry (napari_cryoswan.emdb.fetch_entry) ----------------------------------------
+
+
+def server_for(fake, **changes):
+    from napari_cryoswan.emdb import EmdbServer
+
+    defaults = dict(api_url=f"{fake.url}/api", files_url=f"{fake.url}/files",
+                    requests_per_second=0, retries=2, backoff=0.01, timeout=5)
+    return EmdbServer(**{**defaults, **changes})
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("EMD-1234", "EMD-1234"), ("emd_1234", "EMD-1234"), ("1234", "EMD-1234"),
+    ("emdb:1234", "EMD-1234"), ("EMDB:EMD-1234", "EMD-1234"), (" EMD-0042 ", "EMD-0042"),
+    ("emd-42", "EMD-0042"), ("EMD-51234", "EMD-51234"),
+    ("12", None), ("map.mrc", None), ("emd_1234.map.gz", None), ("EMD-12a4", None), ("", None),
+])
+def test_accessions_are_read_as_biologists_write_them(text, expected):
+    from napari_cryoswan.emdb import accession_or_none, parse_accession
+
+    assert accession_or_none(text) == expected
+    if expected is None:
+        with pytest.raises(ValueError, match="is not an EMDB accession"):
+            parse_accession(text)
+
+
+def test_fetch_entry_downloads_verifies_and_caches(fake_emdb, tmp_path, monkeypatch):
+    from napari_cryoswan.emdb import fetch_entry
+    from napari_cryoswan.io import read_header
+
+    # The environment names the cache and the server, as a user or a test would set them.
+    monkeypatch.setenv("NAPARI_CRYOSWAN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NAPARI_CRYOSWAN_EMDB_API", f"{fake_emdb.url}/api")
+    monkeypatch.setenv("NAPARI_CRYOSWAN_EMDB_FILES", f"{fake_emdb.url}/files/")
+    seen = []
+
+    entry = fetch_entry("emdb:1001", progress=lambda done, total: seen.append((done, total)))
+
+    body = fake_emdb.maps[fake_emdb.map_path("EMD-1001")]
+    assert entry.path == tmp_path / "cache" / "emdb" / "EMD-1001" / "emd_1001.map.gz"
+    assert entry.path.read_bytes() == body and read_header(entry.path)["shape_zyx"] == (16, 16, 16)
+    assert seen[0] == (0, len(body)) and seen[-1] == (len(body), len(body))
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert entry.meta.contour == pytest.approx(0.2) and entry.meta.resolution == pytest.approx(4.2)
+    assert entry.meta.title == "test entry EMD-1001" and not entry.from_cache
+    assert entry.layer_metadata()["recommended_contour"] == pytest.approx(0.2)
+    assert files_in(tmp_path / "cache") == ["emd_1001.map.gz", "entry.json"]
+
+    requests = len(fake_emdb.log)
+    again = fetch_entry("EMD-1001")  # from the cache: no request at all
+    assert again.from_cache and again.path == entry.path and again.meta == entry.meta
+    assert len(fake_emdb.log) == requests
+
+
+def test_unknown_accession_is_one_request_and_a_clear_error(fake_emdb, tmp_path):
+    from napari_cryoswan.emdb import EntryNotFound, fetch_entry
+
+    with pytest.raises(EntryNotFound, match=r"^EMD-9999: EMDB has no released entry .*HTTP 404"):
+        fetch_entry("9999", server=server_for(fake_emdb), cache=tmp_path / "cache")
+    assert fake_emdb.requests_to("/api/entry/EMD-9999") == 1
+    assert files_in(tmp_path / "cache") == []
+
+
+def test_no_network_says_so(tmp_path):
+    import socket
+
+    from napari_cryoswan.emdb import EmdbError, EmdbServer, fetch_entry
+
+    with socket.socket() as sock:  # a port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = EmdbServer(api_url=f"http://127.0.0.1:{port}/api", files_url=f"http://127.0.0.1:{port}/files",
+                        retries=1, backoff=0.01, timeout=2)
+    with pytest.raises(EmdbError, match=r"EMD-1001: .*cannot reach 127\.0\.0\.1.*Check the network"):
+        fetch_entry("EMD-1001", server=server, cache=tmp_path / "cache")
+    assert files_in(tmp_path / "cache") == []
+
+
+def test_a_stalled_server_times_out_and_leaves_nothing(fake_emdb, tmp_path):
+    from napari_cryoswan.emdb import EmdbError, fetch_entry
+
+    fake_emdb.stall[fake_emdb.map_path("EMD-1001")] = ALWAYS
+    started = time.monotonic()
+    with pytest.raises(EmdbError, match=r"did not answer within 0\.5 s \(2 tries\)"):
+        fetch_entry("EMD-1001", server=server_for(fake_emdb, timeout=0.5, retries=1), cache=tmp_path / "cache")
+    assert time.monotonic() - started < 10
+    assert fake_emdb.requests_to(fake_emdb.map_path("EMD-1001")) == 2
+    assert files_in(tmp_path / "cache") == []  # no partial map, no record
+
+
+def test_dropped_and_truncated_downloads_are_retried(fake_emdb, tmp_path):
+    from napari_cryoswan.emdb import fetch_entry
+
+    fake_emdb.drop["/api/entry/EMD-1001"] = 1
+    fake_emdb.truncate[fake_emdb.map_path("EMD-1001")] = 1
+    fake_emdb.drop[fake_emdb.map_path("EMD-1003")] = 1
+    for emdb_id in ("EMD-1001", "EMD-1003"):
+        entry = fetch_entry(emdb_id, server=server_for(fake_emdb), cache=tmp_path / "cache")
+        assert entry.path.read_bytes() == fake_emdb.maps[fake_emdb.map_path(emdb_id)]
+        assert fake_emdb.requests_to(fake_emdb.map_path(emdb_id)) == 2
+    assert fake_emdb.requests_to("/api/entry/EMD-1001") == 2
+
+
+def test_a_download_that_stays_truncated_fails_with_a_message(fake_emdb, tmp_path):
+    from napari_cryoswan.emdb import EmdbError, fetch_entry
+
+    fake_emdb.truncate[fake_emdb.map_path("EMD-1001")] = ALWAYS
+    with pytest.raises(EmdbError, match=r"EMD-1001: .*the download failed \(3 tries\); last: the download was "
+                                        r"cut short: .* bytes arrived of the .* announced.*Nothing was kept"):
+        fetch_entry("EMD-1001", server=server_for(fake_emdb), cache=tmp_path / "cache")
+    assert fake_emdb.requests_to(fake_emdb.map_path("EMD-1001")) == 3
+    assert files_in(tmp_path / "cache") == []
+
+
+def test_cancelling_a_download_keeps_nothing(fake_emdb, tmp_path):
+    from napari_cryoswan.emdb import fetch_entry
+    from napari_cryoswan.engine import Cancelled
+
+    calls = []
+    with pytest.raises(Cancelled):
+        fetch_entry("EMD-1001", server=server_for(fake_emdb), cache=tmp_path / "cache",
+                    progress=lambda done, total: calls.append(done), should_stop=lambda: bool(calls))
+    assert files_in(tmp_path / "cache") == []

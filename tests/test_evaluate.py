@@ -36,7 +36,7 @@ def test_report_on_a_corpus_split(tiny_corpus, small_checkpoints, tmp_path):
     curve = fsc(recon[0], volumes[0], 4.0)
     curve = type(curve)(curve.shell, curve.frequency, mean_curve, curve.n_voxels, 64, 4.0)
     assert float(rows[0]["psnr"]) == pytest.approx(psnr, rel=1e-4)
-    assert float(rows[0]["fsc_0.5"]) == pytest.approx(fsc_resolution(curve, 0.5), rel=1e-4)
+    assert float(rows[0]["fsc_0.5"]) == pytest.approx(fsc_resolution(curve, 0.5).angstrom, rel=1e-4)
 
     report = json.loads((out / "report.json").read_text())
     assert "binarisation" in report and report["results"][0]["codebook_usage"]["rq1"]["size"] == 128
@@ -57,4 +57,15 @@ def test_bad_checkpoint_is_a_clear_error(tiny_corpus, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
     assert main(["--checkpoints", str(bad), "--corpus", str(tiny_corpus), "--out", str(tmp_path / "r")]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    assert "not a readable napari-cryoswan checkpoint" in capsys.readouterr().err
+
+
+def test_a_corpus_of_another_geometry_is_refused(tiny_corpus, tmp_path, capsys):
+    from napari_cryoswan.checkpoint import InputContract, save_checkpoint
+    from napari_cryoswan.models.registry import build_model
+
+    path = save_checkpoint(tmp_path / "2A.pt", build_model("swan-rq1", preset="small"),
+                           contract=InputContract(box=64, voxel_size=2.0))
+    assert main(["--checkpoints", str(path), "--corpus", str(tiny_corpus), "--out",
+                 str(tmp_path / "r"), "--device", "cpu"]) == 2
+    assert "trained on 64³ at 2 Å" in capsys.readouterr().err

@@ -8,10 +8,12 @@ import mrcfile
 import numpy as np
 import pytest
 
+from napari_cryoswan import io
 from napari_cryoswan.io import (
     MapReadError,
     MissingVoxelSizeWarning,
     NonFiniteValuesWarning,
+    SpaceGroupWarning,
     read_header,
     read_map,
     write_map,
@@ -109,6 +111,35 @@ def test_image_stack_is_refused(tmp_path):
         mrc.set_image_stack()
     with pytest.raises(MapReadError, match="image stack"):
         read_map(tmp_path / "stack.mrc")
+
+
+def test_space_group_0_volume_is_opened_as_a_volume_with_a_warning(tmp_path, raw_mrc):
+    # As a common viewer writes a 97³ map at 3 Å: space group 0, but MZ = NZ and a 291 Å cell.
+    volume = np.random.default_rng(0).normal(size=(97, 97, 97)).astype(np.float32)
+    path = raw_mrc(tmp_path / "viewer.mrc", volume, voxel_xyz=(3.0, 3.0, 3.0), space_group=0)
+    with pytest.warns(SpaceGroupWarning, match="opened as a single 3-D volume although its space group"):
+        density = read_map(path)
+    np.testing.assert_array_equal(density.data, volume)
+    assert density.voxel_size == (3.0, 3.0, 3.0)
+    assert density.header["space_group"] == 0
+    assert len(density.header["notes"]) == 1 and "291 × 291 × 291 Å" in density.header["notes"][0]
+    with pytest.warns(SpaceGroupWarning):
+        assert read_header(path)["notes"] == density.header["notes"]
+
+
+def test_a_volume_with_a_volume_space_group_has_no_notes(tmp_path, raw_mrc):
+    path = raw_mrc(tmp_path / "m.mrc", zyx_volume())
+    assert read_map(path).header["notes"] == []
+
+
+@pytest.mark.parametrize("mz", [1, 4])
+def test_space_group_0_stack_is_still_refused(tmp_path, raw_mrc, mz):
+    path = raw_mrc(tmp_path / "stack.mrc", zyx_volume((8, 6, 7)), space_group=0)
+    with mrcfile.open(path, mode="r+") as mrc:
+        mrc.header.mz = mz  # an image stack: one section per image (MZ = 1), or MZ ≠ NZ
+    expected = rf"an image stack \(space group 0, MZ = {mz}\).*set its space group to 1"
+    with pytest.raises(MapReadError, match=expected):
+        read_map(path)
 
 
 def test_truncated_file_is_refused(tmp_path, raw_mrc):
@@ -216,3 +247,83 @@ def test_unknown_voxel_size_stays_unknown_through_a_write(tmp_path):
 def test_write_refuses_non_volumes(tmp_path):
     with pytest.raises(ValueError, match="3-D"):
         write_map(tmp_path / "out.mrc", np.ones((4, 4)), 2.0)
+
+
+@pytest.mark.parametrize("label,written", [
+    ("emd_3197 … − input", "emd_3197 ... - input"),
+    ("8 Å, 64³ box, ±2 µm – résumé", "8 A, 64^3 box, +/-2 um - resume"),
+    ("漢字", None),
+    ("Å" * 100, "A" * 80),
+])
+def test_non_ascii_labels_are_transliterated(tmp_path, label, written):
+    path = write_map(tmp_path / "out.mrc", np.ones((4, 4, 4)), 2.0, label=label)
+    assert mrcfile.validate(str(path), print_file=open(os.devnull, "w"))
+    labels = [text for text in read_map(path).header["labels"] if not text.startswith("Created by mrcfile")]
+    assert labels == ([written] if written else [])
+
+
+# ─── reading in slabs, or memory-mapped ─────────────────────────────────────────────────────
+
+
+@pytest.fixture
+def tiny_slabs(monkeypatch):
+    """Slabs of one section and memory-mapping from the first byte, so small files take every path."""
+    monkeypatch.setattr(io, "SLAB_BYTES", 1)
+    monkeypatch.setattr(io, "LAZY_MIN_BYTES", 0)
+
+
+@pytest.mark.parametrize("axis_order", [(1, 2, 3), (3, 1, 2)])
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.float16])
+@pytest.mark.parametrize("suffix", [".mrc", ".mrc.gz"])
+def test_slab_reading_matches_the_whole_map(tmp_path, raw_mrc, tiny_slabs, axis_order, dtype, suffix):
+    volume = (np.random.default_rng(2).normal(size=(9, 10, 11)) * 50).astype(dtype)
+    path = raw_mrc(tmp_path / f"m{suffix}", to_file_order(volume, axis_order), axis_order=axis_order,
+                   compression="gzip" if suffix.endswith(".gz") else None)
+    density = read_map(path)
+    np.testing.assert_array_equal(density.data, volume.astype(np.float32))
+    assert density.data.dtype == np.float32 and density.data.flags.c_contiguous
+    mapped = suffix == ".mrc" and dtype == np.float32 and axis_order == (1, 2, 3)
+    assert density.header["memory_mapped"] == mapped
+    exact = volume.astype(np.float64)
+    expected = {"min": exact.min(), "max": exact.max(), "mean": exact.mean(), "std": exact.std()}
+    for key, value in expected.items():
+        assert density.header[key] == pytest.approx(value, rel=1e-6, abs=1e-9)
+
+
+def test_memory_mapped_map_is_read_only_and_never_touches_the_file(tmp_path, raw_mrc, tiny_slabs):
+    volume = np.random.default_rng(3).normal(size=(6, 7, 8)).astype(np.float32)
+    path = raw_mrc(tmp_path / "m.mrc", volume)
+    before = path.read_bytes()
+    density = read_map(path)
+    assert density.header["memory_mapped"]
+    assert type(density.data) is np.ndarray and not density.data.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        density.data[0, 0, 0] = 1.0
+    np.testing.assert_array_equal(density.data, volume)
+    del density
+    assert path.read_bytes() == before
+
+
+def test_lazy_false_reads_a_writable_copy(tmp_path, raw_mrc, tiny_slabs):
+    volume = zyx_volume()
+    density = read_map(raw_mrc(tmp_path / "m.mrc", volume), lazy=False)
+    assert not density.header["memory_mapped"] and density.data.flags.writeable
+    np.testing.assert_array_equal(density.data, volume)
+
+
+def test_small_maps_are_not_memory_mapped(tmp_path, raw_mrc):
+    # Below LAZY_MIN_BYTES a mapping saves nothing and would hold a file descriptor open.
+    density = read_map(raw_mrc(tmp_path / "m.mrc", zyx_volume()))
+    assert not density.header["memory_mapped"] and density.data.flags.writeable
+
+
+def test_nan_in_a_mappable_map_gives_a_cleaned_copy(tmp_path, raw_mrc, tiny_slabs):
+    volume = zyx_volume()
+    volume[3, 2, 1] = np.nan
+    path = raw_mrc(tmp_path / "m.mrc", volume)
+    with pytest.warns(NonFiniteValuesWarning, match="1 of 210"):
+        density = read_map(path)
+    assert not density.header["memory_mapped"] and density.data[3, 2, 1] == 0
+    volume[3, 2, 1] = 0
+    np.testing.assert_array_equal(density.data, volume)
+    assert density.header["mean"] == pytest.approx(volume.mean(dtype=np.float64))

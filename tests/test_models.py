@@ -10,7 +10,7 @@ from napari_cryoswan.models import (MODEL_NAMES, PAPER_CODEBOOK_SIZE, build_from
                                     default_optimizer, model_config)
 from napari_cryoswan.models.baselines import axis_angle_to_matrix
 from napari_cryoswan.models.blocks import VoxelPositionalEncoding
-from napari_cryoswan.models.quantize import ResidualQuantizer, StochasticQuantizer, vector_quantizer
+from napari_cryoswan.models.quantize import ResidualQuantizer, StochasticQuantizer
 from napari_cryoswan.models.swan import RQ1_SCALES, RQ2_SCALES, CryoSwan
 
 STRUCTURES = Path(__file__).parent / "data" / "structures"
@@ -66,8 +66,8 @@ def test_the_rq1_ablation_is_one_level_of_the_same_class():
     assert isinstance(rq1, CryoSwan) and rq1.config.levels == 1 and full.config.levels == 2
     x = volumes(1)
     assert list(rq1.encode(x).codes) == ["rq1"]
-    assert list(rq1.level_reconstructions(x)) == ["RQ1"]
-    assert list(full.level_reconstructions(x)) == ["RQ1+RQ2"]
+    assert list(rq1.reconstruction_variants(x)) == ["RQ1"]
+    assert list(full.reconstruction_variants(x)) == ["RQ1+RQ2"]
 
 
 def test_full_presets_carry_the_paper_hyperparameters():
@@ -155,7 +155,7 @@ def test_residual_norm_falls_scale_to_scale_once_the_codebook_is_seeded_from_dat
 
 
 def test_codebook_is_seeded_with_encoder_vectors():
-    quantizer = vector_quantizer(codebook_size=32, dim=3, latent_size=4, beta=0.25)
+    quantizer = ResidualQuantizer(32, 3, (4,), 0.25, refine=False)
     f = torch.randn(2, 3, 4, 4, 4)
     assert not bool(quantizer.codebook.initialised)
     quantizer.train()(f)
@@ -164,7 +164,7 @@ def test_codebook_is_seeded_with_encoder_vectors():
 
 
 def test_dead_codes_restart_from_current_encoder_vectors():
-    quantizer = vector_quantizer(codebook_size=8, dim=3, latent_size=4, beta=0.25, dead_after=5)
+    quantizer = ResidualQuantizer(8, 3, (4,), 0.25, refine=False, dead_after=5)
     quantizer.train()(torch.randn(2, 3, 4, 4, 4))
     book = quantizer.codebook
     with torch.no_grad():
@@ -179,7 +179,7 @@ def test_dead_codes_restart_from_current_encoder_vectors():
 
 
 @pytest.mark.parametrize("make", [
-    lambda: vector_quantizer(codebook_size=8, dim=3, latent_size=4, beta=0.25, dead_after=1),
+    lambda: ResidualQuantizer(8, 3, (4,), 0.25, refine=False, dead_after=1),
     lambda: StochasticQuantizer(codebook_size=8, dim=3, dead_after=1),
 ], ids=["vector", "stochastic"])
 def test_backward_runs_after_a_dead_code_restart_in_the_same_step(make):

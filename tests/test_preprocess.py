@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
+from napari_cryoswan import preprocess as preprocess_module
 from napari_cryoswan.io import DensityMap, read_map
+from napari_cryoswan.metrics import fsc
 from napari_cryoswan.preprocess import (
     CroppedDensityWarning,
     PreprocessSettings,
@@ -11,6 +13,9 @@ from napari_cryoswan.preprocess import (
     centre_of_mass,
     contour_mask,
     crop_or_pad,
+    crop_spectrum,
+    cropped_shape,
+    denormalise,
     lowpass,
     normalise,
     preprocess,
@@ -207,3 +212,145 @@ def test_rotating_from_precomputed_spline_coefficients_is_the_same():
     rotation = random_rotations(1, np.random.default_rng(9))[0]
     np.testing.assert_allclose(rotate(obj, rotation, spline_coefficients(obj)), rotate(obj, rotation),
                                atol=1e-6)
+
+
+# ─── fine maps: spectrum cropping before the low-pass ────────────────────────────────────────
+
+
+def smooth_map(shape=(150, 160, 140), voxel=0.8):
+    """A particle of a few dozen overlapping blobs (σ 2–4 Å), well inside a box of fine voxels."""
+    rng = np.random.default_rng(11)
+    extent = np.array(shape) * voxel
+    out = np.zeros(shape, np.float32)
+    for _ in range(40):
+        out += rng.uniform(0.3, 1.0) * gaussian_blob(shape, extent / 2 + rng.normal(size=3) * 12.0,
+                                                     rng.uniform(2.0, 4.0), voxel=(voxel,) * 3)
+    return out
+
+
+def test_cropped_shape_goes_to_half_the_target_voxel():
+    assert cropped_shape((640, 640, 640), (0.8,) * 3, 4.0) == (256, 256, 256)
+    assert cropped_shape((512, 512, 512), (1.0,) * 3, 4.0) == (256, 256, 256)
+    # An axis already at half the target or coarser keeps its length; 63 → 64 FFTs faster.
+    assert cropped_shape((100, 100, 100), (0.5, 2.0, 3.0), 4.0) == (25, 100, 100)
+    assert cropped_shape((126, 10, 10), (1.0, 2.0, 2.5), 4.0) == (64, 10, 10)
+
+
+def test_crop_spectrum_keeps_every_frequency_below_the_new_nyquist(monkeypatch):
+    monkeypatch.setattr(preprocess_module, "_SLAB_VOXELS", 500)  # many slabs
+    n, m = (48, 40, 36), (20, 25, 36)
+    grids = np.meshgrid(*[np.arange(k, dtype=float) for k in n], indexing="ij")
+    # Periodic waves with frequencies (cycles per box) below every new Nyquist limit.
+    waves = [((1, 3, 2), 0.3), ((4, -5, 7), 1.1), ((9, 2, -12), -0.4)]
+
+    def field(coords, box):
+        return sum(np.cos(2 * np.pi * sum(k * c / b for k, c, b in zip(ks, coords, box)) + phase)
+                   for ks, phase in waves)
+
+    data = field(grids, n).astype(np.float32)
+    cropped = crop_spectrum(data, m)
+    coarse = np.meshgrid(*[np.arange(j) * a / b for j, a, b in zip(m, n, m)], indexing="ij")
+    np.testing.assert_allclose(cropped, field(coarse, n), atol=2e-5)
+    assert cropped.dtype == np.float32
+
+
+def test_periodic_spline_sampling_matches_scipy():
+    from scipy.ndimage import affine_transform, spline_filter
+
+    from napari_cryoswan.preprocess import _fourier_filter, _sample_periodic_spline
+
+    data = np.random.default_rng(6).normal(size=(20, 24, 18)).astype(np.float32)
+    voxel = (2.0, 2.0, 2.0)
+    # The spline prefilter folded into the low-pass gives scipy's periodic spline coefficients...
+    coefficients = _fourier_filter(data, voxel, 8.0, spline=True)
+    reference = spline_filter(lowpass(data, voxel, 8.0).astype(np.float64), order=3, mode="grid-wrap")
+    np.testing.assert_allclose(coefficients, reference, atol=1e-4)
+    # ...and sampling them axis by axis gives what affine_transform (grid-wrap) gives.
+    scale, offset, shape = np.array([0.45, 0.5, 0.55]), np.array([-0.7, 0.2, 1.3]), (45, 49, 33)
+    positions = [o + np.arange(k) * s for o, k, s in zip(offset, shape, scale)]
+    expected = affine_transform(reference, scale, offset=offset, output_shape=shape, order=3,
+                                mode="grid-wrap", prefilter=False)
+    np.testing.assert_allclose(_sample_periodic_spline(coefficients, positions), expected, atol=1e-4)
+
+
+def old_resample(data, voxel, new_voxel):
+    """The direct path as it was: low-pass on the full grid, then a cubic spline (zero outside)."""
+    from scipy.ndimage import affine_transform
+
+    old_shape = np.asarray(data.shape)
+    new_shape = np.round(old_shape * np.asarray(voxel) / new_voxel).astype(int)
+    step = new_voxel / np.asarray(voxel)
+    start = (old_shape - 1) / 2 - (new_shape - 1) / 2 * step
+    return affine_transform(lowpass(data, voxel, 2 * new_voxel), step, offset=start,
+                            output_shape=tuple(new_shape), order=3, mode="grid-constant")
+
+
+def test_cropped_path_matches_the_direct_path():
+    data = smooth_map()
+    fast, shift_fast, cutoff_fast = resample(data, (0.8,) * 3, 4.0)
+    direct, shift_direct, cutoff_direct = resample(data, (0.8,) * 3, 4.0, fourier_crop=False)
+    old = old_resample(data, (0.8,) * 3, 4.0)
+    assert fast.shape == direct.shape == old.shape == (30, 32, 28) and fast.dtype == np.float32
+    assert shift_fast == shift_direct and cutoff_fast == cutoff_direct == 8.0
+    for reference in (direct, old):
+        assert np.corrcoef(fast.ravel(), reference.ravel())[0, 1] > 0.9999
+        np.testing.assert_allclose(fast, reference, atol=2e-3 * reference.max())
+    # and through the whole pipeline: the same box, the same Fourier shells up to the cutoff
+    density = DensityMap(data, (0.8,) * 3, origin=(-30.0, 12.0, 4.0))
+    a = preprocess(density)
+    b = preprocess(density, PreprocessSettings(fourier_crop=False))
+    for field in ("box_origin", "crop_start", "resampled_shape", "lowpass_cutoff"):
+        assert getattr(a.record, field) == getattr(b.record, field)
+    assert np.corrcoef(a.data.ravel(), b.data.ravel())[0, 1] > 0.999
+    curve = fsc(a.data, b.data, 4.0)
+    shells = (curve.frequency > 0) & (curve.frequency <= 1 / 8.0)  # the mean (shell 0) is removed
+    assert curve.correlation[shells].min() > 0.999
+
+
+@pytest.mark.parametrize("fourier_crop", [True, False])
+def test_a_feature_lands_at_its_place_in_angstrom(fourier_crop):
+    """A blob at a known position of a 0.8 Å map stays there, in Å, through preprocessing."""
+    voxel, shape, origin = (0.8, 0.8, 0.8), (140, 150, 130), np.array([-20.0, 35.0, 7.5])
+    centre = np.array([51.3, 63.7, 47.1])  # Å from voxel 0, off every grid
+    blob = gaussian_blob(shape, centre, sigma=6.0, voxel=voxel)  # all below the 8 Å cutoff
+    density = DensityMap(blob, voxel, origin=tuple(origin))
+    out = preprocess(density, PreprocessSettings(normalise=False, fourier_crop=fourier_crop))
+    com_world = np.asarray(out.record.box_origin) + centre_of_mass(out.data) * 4.0
+    np.testing.assert_allclose(com_world, origin + centre, atol=0.05)
+    # The resampled grid keeps the same centre as the input.
+    data, shift, _ = resample(blob, voxel, 4.0, fourier_crop=fourier_crop)
+    np.testing.assert_allclose(np.asarray(shift) + (np.array(data.shape) - 1) / 2 * 4.0,
+                               (np.array(shape) - 1) / 2 * 0.8)
+    np.testing.assert_allclose(physical_com(data, (4.0,) * 3, origin=shift), centre, atol=0.05)
+
+
+def test_read_only_input_is_fine():
+    data = smooth_map((60, 64, 56), 1.0)
+    data.setflags(write=False)
+    out, _, _ = resample(data, (1.0,) * 3, 4.0)
+    assert out.shape == (15, 16, 14)
+
+
+def test_contour_mask_in_slabs_is_the_same_as_whole(monkeypatch):
+    from scipy.ndimage import distance_transform_edt
+
+    blob = gaussian_blob((40, 36, 30), (20, 18, 15), sigma=5.0) + gaussian_blob((40, 36, 30), (8, 9, 10), 2.0)
+    voxel, level, edge = (1.5, 1.0, 1.2), 0.5, 6.0
+    inside = blob >= level
+    ramp = np.clip(distance_transform_edt(~inside, sampling=voxel) / edge, 0, 1)
+    whole = (0.5 * (1 + np.cos(np.pi * ramp))).astype(np.float32)
+    monkeypatch.setattr(preprocess_module, "_SLAB_VOXELS", 36 * 30)  # one section a slab
+    np.testing.assert_allclose(contour_mask(blob, level, voxel, edge), whole, atol=1e-6)
+    masked = preprocess_module._masked(blob, level, voxel, edge)
+    np.testing.assert_allclose(masked, blob * whole, atol=1e-6)
+
+
+def test_denormalise_undoes_the_z_scoring():
+    density = DensityMap(smooth_map((60, 64, 56), 1.0) * 3.0 + 0.5, (1.0,) * 3)
+    normalised = preprocess(density)
+    raw = preprocess(density, PreprocessSettings(normalise=False))
+    assert normalised.record.std is not None and raw.record.std is None
+    np.testing.assert_allclose(denormalise(normalised.data, normalised.record), raw.data, atol=1e-5)
+    restored = denormalise(raw.data, raw.record)
+    assert restored.dtype == np.float32
+    np.testing.assert_array_equal(restored, raw.data)

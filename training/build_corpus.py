@@ -37,14 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
+from napari_cryoswan.hashing import file_sha256
 from napari_cryoswan.io import emdb_id_from, is_map_path
+from napari_cryoswan.preprocess import PreprocessSettings
+from training._defaults import dataclass_defaults
 from training.corpus import (
     DEFAULT_FRACTIONS,
     SPLITS,
     CorpusError,
     CorpusWriter,
     data_sha256,
-    file_sha256,
     group_of,
 )
 
@@ -57,8 +59,8 @@ STRUCTURE_SUFFIXES = tuple(s + gz for s in (".pdb", ".ent", ".cif", ".mmcif") fo
 class BuildSettings:
     """Everything a worker needs to turn one entry into samples (picklable)."""
 
-    box: int = 64
-    voxel_size: float = 4.0
+    box: int = PreprocessSettings.box  # the paper's 64³ at 4 Å, as the preprocessing says
+    voxel_size: float = PreprocessSettings.voxel_size
     rotations: int = 5
     seed: int = 0
     max_outside: float = 0.05  # of the density cut off by the box before an entry is dropped
@@ -191,7 +193,7 @@ _SAMPLERS = {"structure": _structure_samples, "map": _map_samples, "emdb": _map_
 
 def _rotated_samples(density, entry_id, task, meta, settings, contour=None) -> list[tuple[dict, np.ndarray]]:
     """Preprocess ``density`` into ``settings.rotations`` rotated copies: (record, data) pairs."""
-    from napari_cryoswan.preprocess import CroppedDensityWarning, PreprocessSettings, augment
+    from napari_cryoswan.preprocess import CroppedDensityWarning, augment
 
     preprocess = PreprocessSettings(voxel_size=settings.voxel_size, box=settings.box, contour_level=contour)
     with warnings.catch_warnings():
@@ -440,28 +442,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     out = parser.add_argument_group("corpus")
     out.add_argument("--out", required=True, help="the corpus folder; an existing corpus is resumed/extended")
     out.add_argument("--overwrite", action="store_true", help="delete the corpus in --out first and rebuild it")
-    out.add_argument("--box", type=int, default=64, help="box edge in voxels (default 64)")
-    out.add_argument("--voxel-size", type=float, default=4.0, help="Å per voxel (default 4)")
-    out.add_argument("--rotations", type=int, default=5, help="random rotations per entry (default 5, the paper's)")
-    out.add_argument("--seed", type=int, default=0, help="seed of the rotations, sub-assemblies and split (default 0)")
+    d = dataclass_defaults(BuildSettings)
+    out.add_argument("--box", type=int, default=d["box"], help="box edge in voxels (default %(default)s)")
+    out.add_argument("--voxel-size", type=float, default=d["voxel_size"], help="Å per voxel (default %(default)s)")
+    out.add_argument("--rotations", type=int, default=d["rotations"],
+                     help="random rotations per entry (default %(default)s, the paper's)")
+    out.add_argument("--seed", type=int, default=d["seed"],
+                     help="seed of the rotations, sub-assemblies and split (default %(default)s)")
     out.add_argument("--split", type=float, nargs=3, default=list(DEFAULT_FRACTIONS), metavar=SPLITS,
                      help="train/val/test fractions of the entries; an entry's rotations and "
                           "sub-assemblies share its split (default 0.8 0.1 0.1)")
-    out.add_argument("--max-outside", type=float, default=0.05,
-                     help="drop entries with more than this fraction of density outside the box (default 0.05)")
+    out.add_argument("--max-outside", type=float, default=d["max_outside"],
+                     help="drop entries with more than this fraction of density outside the box (default %(default)s)")
     out.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     out.add_argument("--quiet", action="store_true", help="no progress bars; warnings only")
 
     structures = parser.add_argument_group("atomic structures (simulated densities)")
     structures.add_argument("--structures", nargs="+", metavar="PATH",
                             help="PDB/mmCIF files (optionally .gz) or folders of them")
-    structures.add_argument("--resolution", type=float, default=8.0,
-                            help="resolution of the simulated density in Å (default 8, Nyquist at 4 Å)")
-    structures.add_argument("--subassemblies", type=int, default=0, metavar="N",
-                            help="also up to N distinct sub-assemblies of touching chains per structure (default 0)")
-    structures.add_argument("--max-chains", type=int, default=6, help="chains per sub-assembly at most (default 6)")
-    structures.add_argument("--contact", type=float, default=4.5,
-                            help="Å between atoms for two chains to touch (default 4.5)")
+    structures.add_argument("--resolution", type=float, default=d["resolution"],
+                            help="resolution of the simulated density in Å (default %(default)s, Nyquist at 4 Å)")
+    structures.add_argument("--subassemblies", type=int, default=d["subassemblies"], metavar="N",
+                            help="also up to N distinct sub-assemblies of touching chains per structure "
+                                 "(default %(default)s)")
+    structures.add_argument("--max-chains", type=int, default=d["max_chains"],
+                            help="chains per sub-assembly at most (default %(default)s)")
+    structures.add_argument("--contact", type=float, default=d["contact"],
+                            help="Å between atoms for two chains to touch (default %(default)s)")
 
     maps = parser.add_argument_group("real maps")
     maps.add_argument("--maps", nargs="+", metavar="PATH",
@@ -472,11 +479,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     meshes = parser.add_argument_group("meshes (voxelised as solid densities)")
     meshes.add_argument("--meshes", nargs="+", metavar="PATH", help=".off/.obj/.ply/.stl files or folders")
-    meshes.add_argument("--mesh-margin", type=float, default=3.0,
-                        help="voxels between the shape and the box (default 3)")
-    meshes.add_argument("--mesh-supersample", type=int, default=2, help="occupancy samples per voxel edge (default 2)")
-    meshes.add_argument("--mesh-blur", type=float, default=0.5,
-                        help="Gaussian blur σ in voxels (default 0.5: about 9 Å resolution)")
+    meshes.add_argument("--mesh-margin", type=float, default=d["mesh_margin"],
+                        help="voxels between the shape and the box (default %(default)s)")
+    meshes.add_argument("--mesh-supersample", type=int, default=d["mesh_supersample"],
+                        help="occupancy samples per voxel edge (default %(default)s)")
+    meshes.add_argument("--mesh-blur", type=float, default=d["mesh_blur"],
+                        help="Gaussian blur σ in voxels (default %(default)s: about 9 Å resolution)")
 
     emdb = parser.add_argument_group("EMDB curation (network)")
     emdb.add_argument("--emdb", action="store_true",

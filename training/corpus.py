@@ -160,14 +160,6 @@ def data_sha256(data: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(data, dtype=np.float32).tobytes()).hexdigest()
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def group_of(entry_id: str) -> str:
     """The split group of an entry: PDB-chain names (``1ahsA``) join their PDB entry (``1AHS``)."""
     match = _PDB_CHAIN_ENTRY.match(entry_id)

@@ -11,6 +11,10 @@ RQ1-only Cryo-SWAN are given, the RQ1 versus RQ1+RQ2 ablation.
 
 Per-volume metrics are averaged over the volumes. The FSC resolutions are read off the mean FSC
 curve over the volumes (as a figure of FSC curves shows them), at the thresholds 0.5 and 0.143.
+A curve that stays above a threshold up to Nyquist has no crossing (its resolution is the
+Nyquist limit or better), one below it from the first shell on is beyond the box: neither is a
+number in Å, so the report prints them as such, never averages them, and counts how many of the
+single volumes' curves fall in each case.
 """
 
 from __future__ import annotations
@@ -19,21 +23,29 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from napari_cryoswan._atomic import atomic_path
 from napari_cryoswan.metrics import (
+    BEYOND_THE_BOX,
+    CROSSING,
     DEFAULT_BINARY_LEVEL_SIGMA,
     FSC_THRESHOLDS,
+    NO_CROSSING,
+    Resolution,
     fsc,
     fsc_resolution,
     voxel_metrics,
 )
+from napari_cryoswan.session import DEVICES
 
 METRIC_COLUMNS = ("mse", "psnr", "ssim", "iou", "f1", "fsc_0.5", "fsc_0.143")
+FSC_COLUMNS = tuple(f"fsc_{t:g}" for t in FSC_THRESHOLDS)
+RESOLUTION_KINDS = (CROSSING, NO_CROSSING, BEYOND_THE_BOX)
 LOWER_IS_BETTER = {"mse", "fsc_0.5", "fsc_0.143"}
 BINARISATION = (
     f"IoU and F1 binarise both volumes at the target's mean + {DEFAULT_BINARY_LEVEL_SIGMA:g} "
@@ -47,89 +59,144 @@ INTENSITY_SCALE = (
 
 @dataclass
 class ModelResult:
+    """One reconstruction variant of one model on the evaluation volumes.
+
+    ``metrics`` holds the voxel metrics averaged over the volumes and, under "fsc_0.5" and
+    "fsc_0.143", the Å of the mean curve's crossing (None when it has none: see
+    ``fsc_resolutions``, the mean curve's ``Resolution`` per column, and ``fsc_per_map``, how many
+    single volumes' curves cross, do not cross, or are beyond the box).
+    """
+
     label: str
-    level: str
+    variant: str
     model: str
     checkpoint: str
     checkpoint_id: str
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]
     fsc_frequency: list[float]
     fsc_mean: list[float]
     codebook_usage: dict
+    fsc_resolutions: dict[str, Resolution] = field(default_factory=dict)
+    fsc_per_map: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {**self.__dict__,
+                "fsc_resolutions": {c: r.to_dict() for c, r in self.fsc_resolutions.items()}}
 
 
 def evaluate_volumes(model, volumes: np.ndarray, voxel_size: float, device=None,
-                     batch_size: int = 4) -> tuple[dict[str, dict[str, float]], dict[str, tuple]]:
-    """Reconstruct ``volumes`` and score each level's reconstruction against its input.
+                     batch_size: int = 4) -> tuple[dict[str, dict], dict[str, tuple]]:
+    """Reconstruct ``volumes`` and score each variant's reconstruction against its input.
 
-    Returns (level name → mean metrics, level name → (frequency, mean FSC curve)).
+    Returns (variant → mean metrics, variant → (frequency, mean FSC curve)). The metrics
+    hold the mean curve's ``Resolution`` under "fsc_0.5" and "fsc_0.143", and under
+    "fsc_0.5_per_map" and "fsc_0.143_per_map" how many volumes' own curves are of each kind.
     """
     from napari_cryoswan.engine import reconstruct
 
     model.reset_usage()
     reconstructions = reconstruct(model, volumes, device=device, batch_size=batch_size)
     scores, curves = {}, {}
-    for level, recon in reconstructions.items():
+    for variant, recon in reconstructions.items():
         rows = [voxel_metrics(p, t) for p, t in zip(recon, volumes)]
         fscs = [fsc(p, t, voxel_size) for p, t in zip(recon, volumes)]
         mean_curve = replace(fscs[0], correlation=np.mean([c.correlation for c in fscs], axis=0))
         means = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
         for t in FSC_THRESHOLDS:
             means[f"fsc_{t:g}"] = fsc_resolution(mean_curve, t)
-        scores[level], curves[level] = means, (mean_curve.frequency, mean_curve.correlation)
+            kinds = Counter(fsc_resolution(c, t).kind for c in fscs)
+            means[f"fsc_{t:g}_per_map"] = {kind: kinds[kind] for kind in RESOLUTION_KINDS}
+        scores[variant], curves[variant] = means, (mean_curve.frequency, mean_curve.correlation)
     return scores, curves
 
 
-def evaluate_checkpoints(paths, volumes, voxel_size, device=None, batch_size=4,
+def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
                          progress=print) -> list[ModelResult]:
-    from napari_cryoswan.checkpoint import checkpoint_id, load_checkpoint
+    """Score every checkpoint on the volumes that ``volumes_for(contract)`` gives for its input
+    contract (a ``VolumeSource``), with the FSC in the contract's voxel size."""
+    from napari_cryoswan.session import Session
 
+    session = Session(device)
     results = []
     for path in paths:
-        loaded = load_checkpoint(path)
+        loaded = session.checkpoint(path)
+        volumes = volumes_for(loaded.contract)
         progress(f"evaluating {path} ({loaded.model.name}) on {len(volumes)} volumes")
-        scores, curves = evaluate_volumes(loaded.model, volumes, voxel_size, device, batch_size)
+        scores, curves = evaluate_volumes(loaded.model, volumes, loaded.contract.voxel_size,
+                                          session.device, batch_size)
         usage = loaded.model.codebook_usage()
-        for level, metrics in scores.items():
+        for variant, scored in scores.items():
             name = loaded.model.name
-            label = f"{name} ({level})" if level != name else name
-            freq, curve = curves[level]
-            results.append(ModelResult(label, level, name, str(path), checkpoint_id(path),
-                                       metrics, freq.tolist(), curve.tolist(), usage))
+            label = f"{name} ({variant})" if variant != name else name
+            freq, curve = curves[variant]
+            resolutions = {c: scored[c] for c in FSC_COLUMNS}
+            metrics = {key: value for key, value in scored.items() if not key.startswith("fsc_")}
+            metrics.update({c: r.angstrom for c, r in resolutions.items()})
+            results.append(ModelResult(
+                label, variant, name, str(path), loaded.checkpoint_id, metrics, freq.tolist(),
+                curve.tolist(), usage, fsc_resolutions=resolutions,
+                fsc_per_map={c: scored[f"{c}_per_map"] for c in FSC_COLUMNS}))
     return results
 
 
-def load_volumes(corpus: str | None, split: str, maps: str | None, limit: int | None):
-    """Evaluation volumes (N, 64, 64, 64) and their description."""
-    if corpus:
+class VolumeSource:
+    """The evaluation volumes, as each checkpoint's input contract asks for them: a corpus
+    split (whose geometry must be the contract's) or a folder of maps, preprocessed for it."""
+
+    def __init__(self, corpus: str | None, split: str, maps: str | None, limit: int | None):
+        self.corpus, self.split, self.maps, self.limit = corpus, split, maps, limit
+        self.description = ""
+        self._volumes: dict = {}  # contract → volumes
+
+    def __call__(self, contract) -> np.ndarray:
+        if contract not in self._volumes:
+            self._volumes[contract] = self._corpus(contract) if self.corpus else self._folder(contract)
+        return self._volumes[contract]
+
+    def _corpus(self, contract) -> np.ndarray:
         from training.corpus import Corpus
 
-        data = Corpus(corpus)
-        ids = data.split_indices(split)[:limit]
+        data = Corpus(self.corpus)
+        geometry = (data.box, float(data.manifest["voxel_size"]))
+        if geometry != (contract.box, contract.voxel_size):
+            raise ValueError(
+                f"{self.corpus} holds {geometry[0]}³ maps at {geometry[1]:g} Å, but the checkpoint "
+                f"was trained on {contract.box}³ at {contract.voxel_size:g} Å. Evaluate it on a "
+                "corpus built for it, or on --maps.")
+        ids = data.split_indices(self.split)[:self.limit]
         if len(ids) == 0:
-            raise ValueError(f"{corpus}: the {split} split is empty.")
-        return data.load_batch(ids), f"corpus {corpus} (id {data.corpus_id}), {split} split"
-    from napari_cryoswan.io import is_map_path, read_map
-    from napari_cryoswan.preprocess import preprocess
+            raise ValueError(f"{self.corpus}: the {self.split} split is empty.")
+        self.description = f"corpus {self.corpus} (id {data.corpus_id}), {self.split} split"
+        return data.load_batch(ids)
 
-    paths = sorted(p for p in Path(maps).iterdir() if is_map_path(p))[:limit]
-    if not paths:
-        raise ValueError(f"{maps}: no .mrc/.map/.ccp4(.gz) files found.")
-    volumes = np.stack([preprocess(read_map(p)).data for p in paths])
-    return volumes, f"{len(paths)} maps from {maps}, preprocessed to 64³ at 4 Å"
+    def _folder(self, contract) -> np.ndarray:
+        from napari_cryoswan.io import is_map_path, read_map
+        from napari_cryoswan.preprocess import preprocess
+
+        paths = sorted(p for p in Path(self.maps).iterdir() if is_map_path(p))[:self.limit]
+        if not paths:
+            raise ValueError(f"{self.maps}: no .mrc/.map/.ccp4(.gz) files found.")
+        settings = contract.settings()
+        self.description = (f"{len(paths)} maps from {self.maps}, preprocessed to "
+                             f"{settings.box}³ at {settings.voxel_size:g} Å")
+        return np.stack([preprocess(read_map(p), settings).data for p in paths])
 
 
 def write_report(results: list[ModelResult], out: Path, description: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "report.json", json.dumps({
         "data": description, "binarisation": BINARISATION, "intensity_scale": INTENSITY_SCALE,
-        "results": [r.__dict__ for r in results]}, indent=2))
+        "results": [r.to_json() for r in results]}, indent=2))
     with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "checkpoint", "checkpoint_id", *METRIC_COLUMNS])
+        # FSC columns hold the Å of a crossing, empty otherwise; the *_kind columns say which.
+        writer.writerow(["model", "checkpoint", "checkpoint_id", *METRIC_COLUMNS,
+                         *(f"{c}_kind" for c in FSC_COLUMNS)])
         for r in results:
             writer.writerow([r.label, r.checkpoint, r.checkpoint_id,
-                             *(f"{r.metrics[c]:.6g}" for c in METRIC_COLUMNS)])
+                             *("" if r.metrics[c] is None else f"{r.metrics[c]:.6g}"
+                               for c in METRIC_COLUMNS),
+                             *(r.fsc_resolutions[c].kind for c in FSC_COLUMNS)])
     _write_atomic(out / "report.md", _markdown(results, description))
     _plot_fsc(results, out / "fsc.png")
     _plot_usage(results, out / "codebook_usage.png")
@@ -140,28 +207,52 @@ def _markdown(results: list[ModelResult], description: str) -> str:
     lines = [f"Data: {description}.", "", header, "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
     best = {c: _best(results, c) for c in METRIC_COLUMNS}
     for r in results:
-        cells = [(f"**{r.metrics[c]:.4g}**" if r.metrics[c] == best[c] else f"{r.metrics[c]:.4g}")
+        cells = [(f"**{_cell(r, c)}**" if _rank(r, c) == best[c] else _cell(r, c))
                  for c in METRIC_COLUMNS]
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     lines += ["", "Bold: the best value in each column.", "", BINARISATION, INTENSITY_SCALE,
               "FSC resolutions (Å) are read off the mean FSC curve, where it first falls below "
-              "0.5 and 0.143 (linear interpolation between shells); 8 Å, the Nyquist limit of "
-              "4 Å voxels, means the curve never fell below the threshold.", ""]
+              "0.5 and 0.143 (linear interpolation between shells). \"≤ … Å (Nyquist)\": the "
+              "curve stays above the threshold up to the Nyquist limit (2 × the voxel size), so "
+              "the resolution is that or finer; \"> … Å (box edge)\": it is below the threshold "
+              "from the first shell on, coarser than the box can measure. Neither is a measured "
+              "resolution: the best in a column takes the first as the Nyquist limit and the "
+              "second as worse than any crossing.", ""]
+    lines += _fsc_per_map(results)
     lines += _ablation(results)
     lines += _usage_table(results)
     return "\n".join(lines) + "\n"
 
 
 def _ablation(results: list[ModelResult]) -> list[str]:
-    rq1 = [r for r in results if r.level == "RQ1"]
-    full = [r for r in results if r.level == "RQ1+RQ2"]
+    rq1 = [r for r in results if r.variant == "RQ1"]
+    full = [r for r in results if r.variant == "RQ1+RQ2"]
     if not (rq1 and full):
         return []
     lines = ["## Ablation: RQ1 alone versus RQ1+RQ2", "",
              "| metric | RQ1 | RQ1+RQ2 | change |", "|---|---|---|---|"]
     for c in METRIC_COLUMNS:
         a, b = rq1[0].metrics[c], full[0].metrics[c]
-        lines.append(f"| {_column_title(c)} | {a:.4g} | {b:.4g} | {b - a:+.4g} |")
+        change = "—" if a is None or b is None else f"{b - a:+.4g}"  # only between two crossings
+        lines.append(f"| {_column_title(c)} | {_cell(rq1[0], c)} | {_cell(full[0], c)} "
+                     f"| {change} |")
+    return lines + [""]
+
+
+def _fsc_per_map(results: list[ModelResult]) -> list[str]:
+    """How many single volumes' FSC curves cross each threshold, do not, or are beyond the box."""
+    if not any(r.fsc_per_map for r in results):
+        return []
+    lines = ["FSC curves of the single volumes, counted by kind: crossing / no crossing (above "
+             "the threshold up to Nyquist) / beyond the box (below it from the first shell on). "
+             "The resolutions above are read off the mean curve; these are counted, never "
+             "averaged.", "",
+             "| model | " + " | ".join(f"FSC {t:g}" for t in FSC_THRESHOLDS) + " |",
+             "|---" * (len(FSC_COLUMNS) + 1) + "|"]
+    for r in results:
+        cells = [" / ".join(str(r.fsc_per_map.get(c, {}).get(kind, 0)) for kind in RESOLUTION_KINDS)
+                 for c in FSC_COLUMNS]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -183,28 +274,39 @@ def _column_title(column: str) -> str:
     return f"{names.get(column, column.upper())} {arrow}"
 
 
+def _cell(r: ModelResult, column: str) -> str:
+    if column in r.fsc_resolutions:
+        return r.fsc_resolutions[column].format(digits=2)
+    return f"{r.metrics[column]:.4g}"
+
+
+def _rank(r: ModelResult, column: str) -> float:
+    """The value that orders a column. A resolution without a crossing counts as the Nyquist
+    limit (no crossing: as fine as the grid shows) or as worse than any crossing (beyond the box)."""
+    resolution = r.fsc_resolutions.get(column)
+    if resolution is None:
+        return r.metrics[column]
+    if resolution.kind == CROSSING:
+        return resolution.angstrom
+    return resolution.limit if resolution.kind == NO_CROSSING else float("inf")
+
+
 def _best(results: list[ModelResult], column: str) -> float:
-    values = [r.metrics[column] for r in results]
+    values = [_rank(r, column) for r in results]
     return min(values) if column in LOWER_IS_BETTER else max(values)
 
 
 def _plot_fsc(results: list[ModelResult], path: Path) -> None:
-    import matplotlib
+    """The mean FSC curve of each model, drawn as the FSC widget draws its curves."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from napari_cryoswan.figures import draw_fsc
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for r in results:
-        ax.plot(r.fsc_frequency, r.fsc_mean, label=f"{r.label} ({r.metrics['fsc_0.5']:.2f} Å)")
-    for t in FSC_THRESHOLDS:
-        ax.axhline(t, color="grey", lw=0.8, ls="--")
-    ax.set(xlabel="spatial frequency (1/Å)", ylabel="FSC", ylim=(-0.05, 1.05),
-           title="Mean FSC, reconstruction vs input (resolution at 0.5)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig = Figure(figsize=(6.5, 3.2 + 0.45 * len(results)), layout="constrained")
+    curves = {r.label: {"frequency": r.fsc_frequency, "correlation": r.fsc_mean} for r in results}
+    draw_fsc(fig.add_subplot(), curves, title="Mean FSC over the volumes, reconstruction vs input",
+             label_width=80)
     _save_figure(fig, path)
-    plt.close(fig)
 
 
 def _plot_usage(results: list[ModelResult], path: Path) -> None:
@@ -244,27 +346,25 @@ def main(argv=None) -> int:
                    help="checkpoint files (.pt), or bundled:swan and bundled:swan-rq1 for the shipped weights")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="a corpus folder from training.build_corpus")
-    source.add_argument("--maps", help="a folder of maps, preprocessed to 64³ at 4 Å")
+    source.add_argument("--maps", help="a folder of maps, preprocessed for each checkpoint's input "
+                                       "contract (the paper's: 64³ at 4 Å)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--limit", type=int, default=None, help="evaluate on at most this many volumes")
     p.add_argument("--out", required=True, help="report folder")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--voxel-size", type=float, default=4.0, help="Å per voxel of the volumes")
     args = p.parse_args(argv)
 
     from napari_cryoswan.checkpoint import CheckpointError, resolve_checkpoint
-    from napari_cryoswan.engine import choose_device
 
+    volumes = VolumeSource(args.corpus, args.split, args.maps, args.limit)
     try:
         checkpoints = [resolve_checkpoint(spec) for spec in args.checkpoints]
-        volumes, description = load_volumes(args.corpus, args.split, args.maps, args.limit)
-        results = evaluate_checkpoints(checkpoints, volumes, args.voxel_size,
-                                       choose_device(args.device), args.batch_size)
-    except (CheckpointError, ValueError, FileNotFoundError) as err:
+        results = evaluate_checkpoints(checkpoints, volumes, args.device, args.batch_size)
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_report(results, Path(args.out), description)
+    write_report(results, Path(args.out), volumes.description)
     print((Path(args.out) / "report.md").read_text())
     return 0
 

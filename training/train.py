@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_cryoswan._atomic import atomic_path
+from training._defaults import dataclass_defaults
 from training.corpus import Corpus, write_json_atomic
 
 LOG_FIELDS = ("step", "loss", "recon", "commit", "kl", "volumes_per_s")
@@ -62,26 +64,33 @@ class TrainSettings:
 
 def parse_args(argv=None) -> TrainSettings:
     from napari_cryoswan.models.registry import MODEL_NAMES, PRESETS
+    from napari_cryoswan.session import DEVICES
 
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=MODEL_NAMES)
     p.add_argument("--corpus", required=True, help="a corpus folder from training.build_corpus")
     p.add_argument("--out", required=True, help="the run folder to write")
-    p.add_argument("--preset", default="full", choices=PRESETS,
+    d = dataclass_defaults(TrainSettings)
+    p.add_argument("--preset", default=d["preset"], choices=PRESETS,
                    help="model size: 'full' (the paper's codebook of 4096; a GPU's work), 'cpu' (swan and "
                         "swan-rq1 only: the bundled checkpoints) or 'small' (tests, CPU demos)")
-    p.add_argument("--steps", type=int, default=1000, help="optimiser steps in all")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch (split across ranks)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (paper: 1e-3)")
-    p.add_argument("--weight-decay", type=float, default=1e-5, help="Adam weight decay (paper: 1e-5)")
-    p.add_argument("--grad-clip", type=float, default=1.0,
-                   help="clip the gradient norm (default 1; 0 turns it off; see docs/TRAINING.md)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-every", type=int, default=100, help="steps between validations")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument("--max-val", type=int, default=64, help="validation volumes per pass")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--steps", type=int, default=d["steps"], help="optimiser steps in all (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"],
+                   help="global batch, split across ranks (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper and default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"],
+                   help="Adam weight decay (paper and default: %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"],
+                   help="clip the gradient norm (default %(default)s; 0 turns it off; see docs/TRAINING.md)")
+    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--val-every", type=int, default=d["val_every"],
+                   help="steps between validations (default %(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=d["checkpoint_every"],
+                   help="steps between checkpoints (default %(default)s)")
+    p.add_argument("--max-val", type=int, default=d["max_val"],
+                   help="validation volumes per pass (default %(default)s)")
+    p.add_argument("--device", default=d["device"], choices=DEVICES)
     p.add_argument("--no-amp", dest="amp", action="store_false",
                    help="no bf16 autocast on CUDA (it is never used on the CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
@@ -96,7 +105,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     """Run training as ``settings`` say; returns the path of the final weights (model.pt)."""
     import torch
 
-    from napari_cryoswan.checkpoint import load_checkpoint, save_checkpoint
+    from napari_cryoswan.checkpoint import InputContract, load_checkpoint, save_checkpoint
     from napari_cryoswan.engine import autocast, choose_device
     from napari_cryoswan.models.registry import build_model
 
@@ -134,6 +143,9 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     wrapped = _wrap_distributed(model, device, world)
     provenance = {"corpus": str(settings.corpus), "corpus_id": corpus.corpus_id,
                   "preset": settings.preset, "seed": settings.seed}
+    # The model learns the corpus's maps, so they are its input contract.
+    save = functools.partial(save_checkpoint, overwrite=True, contract=InputContract(
+        corpus.box, float(corpus.manifest["voxel_size"])))
     bar = _progress_bar(settings.steps, start_step, progress and rank == 0)
     step = start_step
     try:
@@ -162,10 +174,10 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
                 _append_jsonl(out / "validation.jsonl", record)
                 if record["loss"] < best_val:
                     best_val = record["loss"]
-                    save_checkpoint(out / "best.pt", model, {**provenance, **record}, overwrite=True)
+                    save(out / "best.pt", model, {**provenance, **record})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                save_checkpoint(out / "last.pt", model, {**provenance, "step": step},
-                                _training_state(model, optimizer, step, best_val), overwrite=True)
+                save(out / "last.pt", model, {**provenance, "step": step},
+                     _training_state(model, optimizer, step, best_val))
     except KeyboardInterrupt:
         # A step cut off halfway may have changed codebooks, so the periodic checkpoint,
         # not the state at the interrupt, is what a resumed run continues from.
@@ -178,8 +190,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     final = out / "model.pt"
     if rank == 0:
         last_val = _last_validation(out)
-        save_checkpoint(final, model, {**provenance, "step": settings.steps, **last_val},
-                        overwrite=True)
+        save(final, model, {**provenance, "step": settings.steps, **last_val})
         run_lock.close()
     _check_ranks_agree(model, world)
     _distributed_teardown(world)

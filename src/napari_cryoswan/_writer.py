@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .io import write_map
+from .layers import voxel_size_of
 
 
 def write_mrc(path: str, data, meta: dict) -> list[str]:
@@ -16,9 +17,9 @@ def write_mrc(path: str, data, meta: dict) -> list[str]:
     data = np.asarray(data)
     if data.ndim != 3:
         raise ValueError(f"Only 3-D image layers can be saved as MRC maps (this one is {data.ndim}-D).")
-    # A map read without a voxel size is shown at 1 per voxel; keep it unknown in the file.
-    voxel_known = meta.get("metadata", {}).get("voxel_size_known", True)
-    scale = tuple(meta.get("scale", (1.0, 1.0, 1.0))) if voxel_known else None
+    # A map without a voxel size (pixel units at scale 1) keeps it unknown in the file.
+    scale = voxel_size_of(meta.get("scale", (1.0, 1.0, 1.0)), meta.get("units", ("pixel",) * 3),
+                          meta.get("metadata", {}))
     translate = meta.get("translate", (0.0, 0.0, 0.0))
     name = meta.get("name", "layer")
     written = write_map(

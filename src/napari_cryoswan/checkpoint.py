@@ -3,27 +3,37 @@
 A checkpoint is one file written by ``torch.save`` and read back with ``weights_only=True``, so
 loading a file cannot run code. It holds plain data only:
 
-    format, format_version   "napari-cryoswan", 1
+    format, format_version   "napari-cryoswan", 2
+    kind                     what the model does: "autoencoder" or "diffusion"
+    input                    the input contract: box, voxel size (Å) and normalisation of the
+                             maps it was trained on; preprocessing for it follows this, never a
+                             default, so a model trained at another voxel size is run right
     model                    registry name ("swan", "swan-rq1", "vq", …)
     config                   the model config as a dict (models.registry.build_from_config)
     state_dict               the weights
     provenance               corpus id, step, metrics, code version, date, torch version, …
     training                 optional: optimizer and RNG states, for resuming
+
+Format 1 files (no kind, no input contract) still load: they are autoencoders trained on the
+paper's 64³ maps at 4 Å, z-scored, which is what every format 1 checkpoint was.
 """
 
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib.resources import as_file, files
 from pathlib import Path
 
 from ._atomic import atomic_path
+from .hashing import file_sha256
+from .preprocess import PreprocessSettings
 
 FORMAT = "napari-cryoswan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+KINDS = ("autoencoder", "diffusion")
+NORMALISATIONS = ("z-score", "none")
 BUNDLED = {"swan": "swan.pt", "swan-rq1": "swan-rq1.pt"}
 
 
@@ -31,16 +41,46 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used. The message says what is wrong and what to do."""
 
 
+@dataclass(frozen=True)
+class InputContract:
+    """The maps a model was trained on: a cubic ``box`` at ``voxel_size`` Å, normalised so."""
+
+    box: int
+    voxel_size: float
+    normalisation: str = "z-score"
+
+    @classmethod
+    def of(cls, settings: PreprocessSettings) -> InputContract:
+        return cls(settings.box, settings.voxel_size,
+                   "z-score" if settings.normalise else "none")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> InputContract:
+        contract = cls(int(values["box"]), float(values["voxel_size"]),
+                       str(values.get("normalisation", "z-score")))
+        if contract.box < 8 or not contract.voxel_size > 0 or contract.normalisation not in NORMALISATIONS:
+            raise ValueError(f"not a usable input contract: {values}")
+        return contract
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def settings(self, contour_level: float | None = None) -> PreprocessSettings:
+        """The preprocessing that gives this model the maps it expects."""
+        return PreprocessSettings(voxel_size=self.voxel_size, box=self.box,
+                                  contour_level=contour_level,
+                                  normalise=self.normalisation == "z-score")
+
+
 @dataclass
 class LoadedCheckpoint:
-    model: object  # an Autoencoder, in eval mode
+    model: object  # an Autoencoder (or diffusion model), in eval mode
     provenance: dict
     path: Path
+    contract: InputContract
+    checkpoint_id: str  # a short content hash, computed once when the file is read
+    kind: str = "autoencoder"
     training: dict = field(default_factory=dict)
-
-    @property
-    def checkpoint_id(self) -> str:
-        return checkpoint_id(self.path)
 
 
 def save_checkpoint(
@@ -49,9 +89,15 @@ def save_checkpoint(
     provenance: dict | None = None,
     training: dict | None = None,
     *,
+    contract: InputContract | None = None,
+    kind: str = "autoencoder",
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (weights, config, provenance) atomically: a temporary file, then a rename."""
+    """Write ``model`` (weights, config, provenance) atomically: a temporary file, then a rename.
+
+    ``contract``: the input the model was trained on (training passes its corpus's box and
+    voxel size); None means the paper's preprocessing, ``PreprocessSettings()``.
+    """
     import torch
 
     from . import __version__
@@ -59,9 +105,14 @@ def save_checkpoint(
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists. Choose another name, or pass overwrite=True.")
+    if kind not in KINDS:
+        raise ValueError(f"Unknown checkpoint kind {kind!r}; use one of {KINDS}.")
+    contract = contract or InputContract.of(PreprocessSettings())
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "input": contract.to_dict(),
         "model": model.name,
         "config": model.config_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -80,26 +131,29 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu",
+                    kind: str | None = "autoencoder") -> LoadedCheckpoint:
     """Rebuild the model a checkpoint holds, in eval mode.
 
+    ``kind``: the kind of model the caller can use (None: any).
+
     Raises:
-        CheckpointError: missing, corrupt or truncated file, not one of ours, an unknown model,
-            or weights that do not fit the model's config.
+        CheckpointError: no file chosen, missing, corrupt or truncated file, not one of ours,
+            another kind of model, an unknown model, or weights that do not fit its config.
     """
     import torch
 
     from .models.registry import build_from_config
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file.")
+    path = checkpoint_file(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many types for a bad file; all mean the same here
+        # torch's own text advises weights_only=False, which would run code from the file:
+        # the user gets our sentence, the log keeps torch's.
         raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(err).__name__}: {_first_line(err)}). The file is "
-            "corrupt, truncated, or not a PyTorch checkpoint: train or download it again."
+            f"{path.name}: not a readable napari-cryoswan checkpoint. The file is corrupt, "
+            "truncated, or holds something other than plain weights: train or download it again."
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(
@@ -111,6 +165,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Loade
             f"{path}: checkpoint format {payload['format_version']} is newer than this "
             f"napari-cryoswan understands ({FORMAT_VERSION}). Update napari-cryoswan."
         )
+    found_kind = payload.get("kind", "autoencoder")
+    if kind is not None and found_kind != kind:
+        raise CheckpointError(
+            f"{path.name} holds a {found_kind} model, not an {kind}. Choose an {kind} checkpoint.")
+    try:
+        contract = InputContract.from_dict(payload["input"]) if "input" in payload else \
+            InputContract.of(PreprocessSettings())
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path.name}: its input contract is damaged ({err}).") from err
     try:
         model = build_from_config({**payload["config"], "name": payload["model"]})
     except (KeyError, TypeError, ValueError) as err:
@@ -125,7 +188,23 @@ def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu") -> Loade
             f"The file is damaged or was edited. ({_first_line(err)})"
         ) from err
     model.eval()
-    return LoadedCheckpoint(model, payload.get("provenance", {}), path, payload.get("training", {}))
+    return LoadedCheckpoint(model, payload.get("provenance", {}), path, contract,
+                            checkpoint_id(path), found_kind, payload.get("training", {}))
+
+
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` as a checkpoint file that exists, or a CheckpointError that says what to choose.
+
+    An emptied file field reads as '' or '.': that is no choice, not the working directory.
+    """
+    if str(path).strip() in ("", "."):
+        raise CheckpointError("No checkpoint chosen: choose a checkpoint file (.pt).")
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder: choose a checkpoint file (.pt) inside it.")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file.")
+    return path
 
 
 def bundled_checkpoint_path(name: str = "swan") -> Path:
@@ -153,11 +232,7 @@ def resolve_checkpoint(spec: str | os.PathLike) -> Path:
 
 def checkpoint_id(path: str | os.PathLike) -> str:
     """A short content hash that names a checkpoint in layer metadata and reports."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def _first_line(err: Exception) -> str:

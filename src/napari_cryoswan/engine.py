@@ -86,15 +86,15 @@ def reconstruct(
     progress: Progress | None = None,
     should_stop: StopCheck | None = None,
 ) -> dict[str, np.ndarray]:
-    """Reconstruct (N, D, H, W) volumes; returns level name → (N, D, H, W) float32 arrays.
+    """Reconstruct (N, D, H, W) volumes; returns variant name → (N, D, H, W) float32 arrays.
 
-    A multi-level model (Cryo-SWAN) gives one entry per level it can decode on its own.
+    A model gives one entry per reconstruction variant it decodes (``reconstruction_variants``).
     """
     if len(volumes) == 0:
         raise ValueError("No volumes to reconstruct.")
     device = device or choose_device()
     model = model.to(device).eval()
-    parts = map_batches(model.level_reconstructions, volumes, device, batch_size, progress,
+    parts = map_batches(model.reconstruction_variants, volumes, device, batch_size, progress,
                         should_stop)
     return {
         name: np.concatenate([p[name][:, 0].float().numpy() for p in parts])

@@ -1,7 +1,19 @@
-"""Conversions between ``DensityMap`` and napari layer data (no Qt, no napari import).
+"""Conversions between maps, results and napari layer data (no Qt, no napari import).
 
-Layers are the interface between widgets: a result layer carries its provenance (source layer,
-checkpoint, level, preprocessing record, FSC) in ``metadata``.
+Layers are the interface between widgets. The metadata keys below are a contract (see
+docs/ARCHITECTURE.md): a result layer says where it came from, so any widget can use it.
+
+    source_layer      name of the map layer a result was computed from
+    source_layer_id   that layer's napari ``unique_id``
+    variant           which reconstruction: "RQ1+RQ2", "RQ1", "RQ1+RQ2 − input", …
+    model             registry name of the model ("swan", "swan-rq1", …)
+    checkpoint        path of the checkpoint file; checkpoint_id its content hash
+    preprocessing     the PreprocessRecord as a dict (where the model's box sits, in Å)
+    fsc               FSCCurve.to_dict() of the result against the preprocessed input
+    metrics           voxel metrics against the preprocessed input
+    notes             what the user was told about the input (density cut off, …)
+    voxel_size, origin   the geometry of the source map, in Å (z, y, x)
+    recommended_contour  a map's author-recommended contour level, when known (EMDB)
 """
 
 from __future__ import annotations
@@ -10,12 +22,19 @@ import numpy as np
 
 from .io import DensityMap
 
+NAME_LENGTH = 18  # a source name longer than this is shortened in result names
+_LENGTH_IN_ANGSTROM = {"angstrom": 1.0, "nanometer": 10.0, "picometer": 0.01}
+
 
 def density_layer_data(density: DensityMap, name: str, metadata: dict | None = None,
                        **kwargs) -> tuple:
-    """A napari LayerData tuple that places the map in Å, with its header in the metadata."""
+    """A napari LayerData tuple that places the map in Å, with its header in the metadata.
+
+    Shown in 3-D as an iso-surface at a contour level (the map's recommended one when known),
+    as ChimeraX opens a map; the layer controls change the level.
+    """
     voxel_known = density.voxel_size is not None
-    layer_metadata = {**density.header, **(metadata or {}), "voxel_size_known": voxel_known}
+    layer_metadata = {**density.header, **(metadata or {})}
     layer_kwargs = {
         "name": name,
         "scale": density.voxel_size if voxel_known else (1.0, 1.0, 1.0),
@@ -23,24 +42,97 @@ def density_layer_data(density: DensityMap, name: str, metadata: dict | None = N
         "units": ("angstrom",) * 3 if voxel_known else ("pixel",) * 3,
         "metadata": layer_metadata,
         "colormap": "gray",
+        "rendering": "iso",
+        "iso_threshold": default_contour(density.data, layer_metadata.get("recommended_contour")),
         **kwargs,
     }
     return (density.data, layer_kwargs, "image")
 
 
-def density_from_layer(layer) -> DensityMap:
-    """The map an image layer shows: its data, scale as voxel size and translate as origin.
+def default_contour(data: np.ndarray, recommended: float | None = None) -> float:
+    """The contour level a map opens at: its recommended level, else mean + 2 s.d., which
+    encloses a particle's density and leaves the solvent noise of an EMDB box outside."""
+    if recommended is not None:
+        return float(recommended)
+    sample = np.asarray(data[tuple(slice(None, None, max(1, n // 128)) for n in data.shape)])
+    return float(sample.mean() + 2.0 * sample.std())
 
-    A layer read from a file without a voxel size (``metadata["voxel_size_known"]`` False) gives
-    a map without one, so nothing downstream mistakes its 1-per-voxel scale for Å.
+
+def voxel_size_of(scale, units, metadata: dict) -> tuple[float, float, float] | None:
+    """A layer's voxel size in Å, or None when it has none.
+
+    The one rule: a layer whose units are lengths has a voxel size (converted to Å); a layer in
+    pixel units has one only when someone set its scale away from 1, which is then read as Å.
+    A map read without a voxel size is in pixel units at scale 1, so it has none until the user
+    gives one, by the widget's voxel size field or the layer's scale.
     """
-    data = np.asarray(layer.data, dtype=np.float32)
+    scale = tuple(float(s) for s in scale)
+    factors = [_LENGTH_IN_ANGSTROM.get(str(unit)) for unit in units]
+    if all(f is not None for f in factors):
+        return tuple(s * f for s, f in zip(scale, factors))
+    if any(s != 1.0 for s in scale):
+        return scale
+    return None
+
+
+def density_from_layer(layer) -> DensityMap:
+    """The map an image layer shows: its data, voxel size (``voxel_size_of``) and origin.
+
+    The data is not copied when it is float32 already (a memory-mapped map stays on disk).
+    """
+    data = np.asarray(layer.data)
     if data.ndim != 3:
         raise ValueError(f"Layer '{layer.name}' is {data.ndim}-D; a density map is 3-D.")
-    known = layer.metadata.get("voxel_size_known", True)
+    if data.dtype != np.float32:
+        data = data.astype(np.float32)
     return DensityMap(
         data=data,
-        voxel_size=tuple(float(s) for s in layer.scale) if known else None,
+        voxel_size=voxel_size_of(layer.scale, layer.units, layer.metadata),
         origin=tuple(float(t) for t in layer.translate),
         header=dict(layer.metadata),
     )
+
+
+def short_name(name: str, length: int = NAME_LENGTH) -> str:
+    """A layer name short enough to stay readable in the layer list: a trailing note in
+    parentheses goes first, then the end of the name."""
+    if len(name) > length and name.endswith(")") and " (" in name:
+        name = name[: name.rindex(" (")]
+    return name if len(name) <= length else name[: length - 1] + "…"
+
+
+def reconstruction_layer_data(source_name: str, source_id: str, result, contour: float | None) -> list[tuple]:
+    """LayerData for each reconstruction and for the difference map of the first (full) one.
+
+    Each lies on the model's box grid, placed by its scale and translate over the source map;
+    the full metadata names the source, so short layer names lose nothing.
+    """
+    scale, translate = result.placement
+    common = {"source_layer": source_name, "source_layer_id": source_id,
+              "preprocessing": result.record.to_dict(), "notes": list(result.notes),
+              "voxel_size": tuple(result.record.source_voxel_size),
+              "origin": tuple(result.record.source_origin)}
+    stem = short_name(source_name)
+    out = []
+    for variant in result.variants:
+        metadata = {**common, "variant": variant.variant, "model": variant.model,
+                    "checkpoint": variant.checkpoint, "checkpoint_id": variant.checkpoint_id,
+                    "fsc": variant.fsc.to_dict(), "metrics": variant.metrics}
+        density = DensityMap(variant.box, scale, translate)
+        out.append(density_layer_data(density, f"{stem} {variant.variant}", metadata,
+                                      **_contour_kwargs(contour)))
+    if result.variants:
+        full = result.variants[0]
+        difference = result.difference(full)
+        bound = float(np.abs(difference).max()) or 1.0
+        metadata = {**common, "variant": f"{full.variant} − input", "model": full.model,
+                    "checkpoint": full.checkpoint, "checkpoint_id": full.checkpoint_id}
+        density = DensityMap(difference, scale, translate)
+        out.append(density_layer_data(density, f"{stem} Δ {full.variant}", metadata,
+                                      colormap="PiYG", contrast_limits=(-bound, bound),
+                                      rendering="mip", visible=False))
+    return out
+
+
+def _contour_kwargs(contour: float | None) -> dict:
+    return {} if contour is None else {"iso_threshold": float(contour)}

@@ -9,11 +9,16 @@ sees), which is stated with every report.
 FSC follows one definition (GUIDE section 4): shells s = round(|k|) of the full 3-D FFT,
 s = 0 … N/2, at frequency s / (N · voxel) Å⁻¹; the resolution at threshold t is N · voxel / s*,
 where s* is the first crossing below t, linearly interpolated between the shells around it.
+A curve need not cross inside the range the box can measure, so a resolution is a
+``Resolution``: a crossing (a number in Å), "no crossing" (above t up to Nyquist: 2 · voxel or
+better) or "beyond the box" (below t from shell 1 on: coarser than the box edge N · voxel).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -21,6 +26,47 @@ from .io import DensityMap
 
 FSC_THRESHOLDS = (0.5, 0.143)
 DEFAULT_BINARY_LEVEL_SIGMA = 1.0
+
+CROSSING, NO_CROSSING, BEYOND_THE_BOX = "crossing", "no crossing", "beyond the box"
+ResolutionKind = Literal["crossing", "no crossing", "beyond the box"]
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """The resolution an FSC curve shows at one threshold.
+
+    ``kind`` is one of:
+      - "crossing": the curve falls below the threshold between two shells s ≥ 1; ``angstrom``
+        is N · voxel / s*.
+      - "no crossing": it stays at or above the threshold up to the last shell (Nyquist): the
+        resolution is ``limit`` (2 · voxel) or better, finer than this grid can tell.
+      - "beyond the box": it is below the threshold from shell 1 on: the resolution is coarser
+        than ``limit``, the box edge N · voxel, the coarsest detail the box can measure.
+
+    ``angstrom`` is set only for a crossing and ``limit`` only for the other two, so neither an
+    infinity nor the sampling limit is ever taken for a measured resolution.
+    """
+
+    threshold: float
+    kind: ResolutionKind
+    angstrom: float | None = None
+    limit: float | None = None  # Å: the last shell's resolution (Nyquist) or the box edge
+
+    def format(self, digits: int = 1) -> str:
+        """The text users read: "12.3 Å", "≤ 8.0 Å (Nyquist)" or "> 256.0 Å (box edge)"."""
+        if self.kind == CROSSING:
+            return f"{self.angstrom:.{digits}f} Å"
+        if self.kind == NO_CROSSING:
+            return f"≤ {self.limit:.{digits}f} Å (Nyquist)"
+        return f"> {self.limit:.{digits}f} Å (box edge)"
+
+    def __str__(self) -> str:
+        return self.format()
+
+    def to_dict(self) -> dict:
+        """JSON-friendly: the number only for a crossing (null otherwise), with the kind."""
+        return {"threshold": self.threshold, "kind": self.kind, "angstrom": self.angstrom,
+                "limit": self.limit}
 
 
 @dataclass(frozen=True)
@@ -34,17 +80,23 @@ class FSCCurve:
     box: int
     voxel_size: float
 
-    def resolution(self, threshold: float) -> float:
+    def resolution(self, threshold: float) -> Resolution:
         return fsc_resolution(self, threshold)
 
     def to_dict(self) -> dict:
-        """Plain lists and the resolutions at the standard thresholds (for layer metadata)."""
+        """Plain lists and the resolutions at the standard thresholds (for layer metadata).
+
+        ``resolution_<t>`` holds the Å of a crossing and None otherwise, ``resolution_<t>_kind``
+        says which case it is (see ``Resolution``); every value is JSON-friendly.
+        """
+        resolutions = {t: fsc_resolution(self, t) for t in FSC_THRESHOLDS}
         return {
             "frequency": self.frequency.tolist(),
             "correlation": self.correlation.tolist(),
             "box": self.box,
             "voxel_size": self.voxel_size,
-            **{f"resolution_{t:g}": fsc_resolution(self, t) for t in FSC_THRESHOLDS},
+            **{f"resolution_{t:g}": r.angstrom for t, r in resolutions.items()},
+            **{f"resolution_{t:g}_kind": r.kind for t, r in resolutions.items()},
         }
 
 
@@ -95,20 +147,43 @@ def fsc(a: np.ndarray, b: np.ndarray, voxel_size: float) -> FSCCurve:
 def fsc_between_maps(a: DensityMap, b: DensityMap) -> FSCCurve:
     """FSC of two maps on the same voxel grid; a non-cubic grid is zero-padded to a cube.
 
-    Maps on different grids are refused: resampling one onto the other would change the
-    curve, so that choice is left to the user (reconstructions are already on their input's grid).
+    Maps on different grids (voxel size, shape or origin) are refused: resampling one onto the
+    other would change the curve, so that choice is left to the user (reconstructions are
+    already on their input's grid). Errors call the maps "map A" and "map B", in that order.
     """
+    for name, m in (("map A", a), ("map B", b)):
+        if m.voxel_size is None:
+            raise ValueError(f"{name[0].upper()}{name[1:]} has no voxel size: FSC needs it to put the curve in Å⁻¹. "
+                             "Set the layer's scale (Å per voxel) first.")
+    anisotropic = {name: tuple(m.voxel_size) for name, m in (("map A", a), ("map B", b))
+                   if not np.allclose(m.voxel_size, m.voxel_size[0], rtol=1e-4)}
+    if anisotropic:
+        sizes = set(anisotropic.values())
+        sizes_text = (f"{_format_zyx(sizes.pop())} Å" if len(sizes) == 1 else
+                      "; ".join(f"{name} {_format_zyx(v)} Å" for name, v in anisotropic.items()))
+        subject = " and ".join(anisotropic)
+        subject = subject[0].upper() + subject[1:]
+        raise ValueError(f"{subject} {'has' if len(anisotropic) == 1 else 'have'}"
+                         f" anisotropic voxels ({sizes_text} along z, y, x): FSC shells need the "
+                         "same voxel size along every axis. Resample to isotropic voxels first.")
+    va, vb = float(a.voxel_size[0]), float(b.voxel_size[0])
+    differences = []
+    if not np.isclose(va, vb, rtol=1e-4):
+        differences.append(f"voxel sizes {va:g} and {vb:g} Å")
     if a.shape != b.shape:
-        raise ValueError(f"The maps have different shapes, {a.shape} and {b.shape}: FSC needs "
-                         "two maps on the same voxel grid.")
-    if a.voxel_size is None or b.voxel_size is None:
-        raise ValueError("FSC needs the voxel size of both maps, to put the curve in Å⁻¹.")
-    va, vb = np.asarray(a.voxel_size), np.asarray(b.voxel_size)
-    if not (np.allclose(va, vb, rtol=1e-4) and np.allclose(va, va[0], rtol=1e-4)):
-        raise ValueError(f"FSC needs the same isotropic voxel size for both maps; got "
-                         f"{a.voxel_size} and {b.voxel_size} Å.")
+        differences.append(f"shapes {_format_zyx(a.shape)} and {_format_zyx(b.shape)}")
+    if not np.allclose(a.origin, b.origin, rtol=0, atol=1e-3 * min(va, vb)):
+        differences.append(f"origins {_format_zyx(a.origin)} and {_format_zyx(b.origin)} Å")
+    if differences:
+        raise ValueError(f"Map A and map B are on different voxel grids ({'; '.join(differences)}"
+                         "): FSC compares two maps voxel by voxel. Resample one onto the "
+                         "other's grid first.")
     edge = max(a.shape)
-    return fsc(_pad_to_cube(a.data, edge), _pad_to_cube(b.data, edge), float(a.voxel_size[0]))
+    return fsc(_pad_to_cube(a.data, edge), _pad_to_cube(b.data, edge), va)
+
+
+def _format_zyx(values) -> str:
+    return "(" + ", ".join(f"{float(v):g}" for v in values) + ")"
 
 
 def _pad_to_cube(data: np.ndarray, edge: int) -> np.ndarray:
@@ -120,27 +195,34 @@ def fsc_curves_csv(curves: dict[str, dict]) -> str:
     lines = ["curve,frequency_per_angstrom,resolution_angstrom,fsc"]
     for label, curve in curves.items():
         for f, c in zip(curve["frequency"], curve["correlation"]):
-            resolution = f"{1 / f:.4f}" if f > 0 else "inf"
+            resolution = f"{1 / f:.4f}" if f > 0 else ""  # shell 0 has no resolution
             lines.append(f'"{label}",{f:.6f},{resolution},{c:.6f}')
     return "\n".join(lines) + "\n"
 
 
-def fsc_resolution(curve: FSCCurve, threshold: float) -> float:
-    """Resolution in Å where the FSC first drops below ``threshold``.
+def fsc_resolution(curve: FSCCurve | Mapping, threshold: float) -> Resolution:
+    """Where the FSC first drops below ``threshold`` after shell 0 (the mean), as a ``Resolution``.
 
-    If it never does, the curve stays above the threshold up to Nyquist and the sampling limit
-    2 · voxel is returned: the best resolution this grid can show.
+    ``curve`` is an ``FSCCurve`` or its ``to_dict()`` (only "frequency" and "correlation" are
+    read). The frequency is linear in the shell index, s / (N · voxel), so interpolating it
+    between the two shells around the crossing gives N · voxel / s* exactly.
     """
-    c = curve.correlation
+    if isinstance(curve, FSCCurve):
+        frequency, c = curve.frequency, curve.correlation
+    else:
+        frequency, c = curve["frequency"], curve["correlation"]
+    frequency, c = np.asarray(frequency, float), np.asarray(c, float)
+    if frequency.size < 2:
+        raise ValueError("An FSC curve needs at least shells 0 and 1.")
     below = np.nonzero(c[1:] < threshold)[0]
     if below.size == 0:
-        return 2.0 * curve.voxel_size
+        return Resolution(threshold, NO_CROSSING, limit=float(1 / frequency[-1]))
     s1 = int(below[0]) + 1  # first shell below the threshold; s1 − 1 is still at or above it
+    if s1 == 1:  # below already at shell 1: the crossing, if any, lies beyond the box edge
+        return Resolution(threshold, BEYOND_THE_BOX, limit=float(1 / frequency[1]))
     s0 = s1 - 1
-    if c[s0] < threshold:  # only shell 0 (the mean) preceded the drop: nothing correlates
-        return float("inf")
-    s_star = s0 + (c[s0] - threshold) / (c[s0] - c[s1])
-    return float(curve.box * curve.voxel_size / s_star) if s_star > 0 else float("inf")
+    f_star = frequency[s0] + (c[s0] - threshold) / (c[s0] - c[s1]) * (frequency[s1] - frequency[s0])
+    return Resolution(threshold, CROSSING, angstrom=float(1 / f_star))
 
 
 def scale_like_target(prediction: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,8 +292,8 @@ def voxel_metrics(prediction: np.ndarray, target: np.ndarray) -> dict[str, float
 
 def reconstruction_metrics(
     prediction: np.ndarray, target: np.ndarray, voxel_size: float
-) -> dict[str, float]:
-    """Every Table 1 metric for one volume pair: ``voxel_metrics`` and the FSC resolutions."""
+) -> dict[str, float | Resolution]:
+    """Every Table 1 metric for one volume pair: ``voxel_metrics`` and the FSC ``Resolution``s."""
     curve = fsc(prediction, target, voxel_size)
     return {
         **voxel_metrics(prediction, target),

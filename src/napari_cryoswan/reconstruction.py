@@ -1,10 +1,14 @@
-"""Reconstruct a map of any size and voxel size with one or more checkpoints.
+"""Reconstruct a map of any size and voxel size with one or more autoencoder checkpoints.
 
-The map goes through the one preprocessing pipeline (64³ at 4 Å, z-scored), each model
-reconstructs it, the normalisation is undone, and every reconstruction is resampled back onto
-the input's own voxel grid so that it overlays the input in napari. The FSC of each
-reconstruction against the preprocessed input (what the model saw) is computed in the model's
-box, where both lie on the same cubic grid.
+The map goes through the preprocessing that the first checkpoint's input contract names (the
+paper's: 64³ at 4 Å, z-scored), each model reconstructs it, and the normalisation is undone.
+Results stay on the model's box grid and are placed in Å by the box's voxel size and origin
+(``ReconstructionResult.placement``): shown with that scale and translate they overlay the input
+in napari without being resampled onto its grid. Resampling would add no detail (the model sees
+4 Å voxels) and would cost a full copy of the input per result, 1 GB each for a 640³ map.
+
+The FSC of each reconstruction against the preprocessed input (what the model saw) is computed
+in the box, where both lie on the same cubic grid.
 """
 
 from __future__ import annotations
@@ -17,21 +21,25 @@ import numpy as np
 from .engine import Cancelled, StopCheck
 from .io import DensityMap
 from .metrics import FSCCurve, fsc, voxel_metrics
-from .preprocess import Preprocessed, PreprocessRecord, PreprocessSettings, preprocess
+from .preprocess import PreprocessRecord, PreprocessSettings, centre_of_mass, denormalise, preprocess
 
 Stage = Callable[[int, int, str], None]  # (done, total, what is happening)
 
+# How far from the training data a map may be before the user is told, before the run.
+MIN_VOXELS_PER_AXIS = 8  # at the model's voxel size
+COARSEST_VOXEL_FACTOR = 2.0  # map voxel / model voxel
+CROPPED_FRACTION = 0.05  # of the positive density, outside the box
+
 
 @dataclass
-class LevelReconstruction:
-    """One reconstruction: a level of one checkpoint ("RQ1+RQ2", "RQ1", "vq", …)."""
+class VariantReconstruction:
+    """One reconstruction: a variant ("RQ1+RQ2", "RQ1", "vq", …) of one checkpoint."""
 
-    level: str
+    variant: str
     model: str
     checkpoint: str
     checkpoint_id: str
-    box: np.ndarray  # (64, 64, 64), in the density units of the preprocessed input
-    on_input_grid: np.ndarray  # like the input map
+    box: np.ndarray  # (box, box, box), in the density units of the input map
     fsc: FSCCurve
     metrics: dict[str, float]
 
@@ -40,53 +48,110 @@ class LevelReconstruction:
 class ReconstructionResult:
     record: PreprocessRecord
     input_box: np.ndarray  # the preprocessed input, normalisation undone
-    coverage: np.ndarray  # bool, like the input: voxels that the model's box covers
-    levels: list[LevelReconstruction] = field(default_factory=list)
+    variants: list[VariantReconstruction] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the user must know about this result
 
-    def difference(self, level: LevelReconstruction, source: DensityMap) -> np.ndarray:
-        """What the model changed: reconstruction − preprocessed input, on the input grid.
+    @property
+    def placement(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(scale, translate) in Å, (z, y, x), that lay the box over the input map."""
+        return (self.record.voxel_size,) * 3, tuple(self.record.box_origin)
+
+    def difference(self, variant: VariantReconstruction) -> np.ndarray:
+        """What the model changed: reconstruction − preprocessed input, in the box.
 
         Both sides are the model's view of the map (resampled, low-passed, boxed), so the
         difference holds the model's changes and not those of the preprocessing.
         """
-        seen = to_input_grid(self.input_box, self.record, source)
-        return np.where(self.coverage, level.on_input_grid - seen, 0.0).astype(np.float32)
+        return (variant.box - self.input_box).astype(np.float32)
 
 
-def describe_preprocessing(density: DensityMap, settings: PreprocessSettings = PreprocessSettings()) -> str:
+def describe_preprocessing(density: DensityMap, settings: PreprocessSettings) -> str:
     """One line that says what preprocessing will do to this map, before it runs."""
     if density.voxel_size is None:
-        return "No voxel size: set the layer's scale (Å per voxel) before reconstructing."
+        return "No voxel size: enter the map's voxel size (Å per voxel) to reconstruct it."
     voxel = np.asarray(density.voxel_size)
-    new_shape = np.maximum(np.round(np.asarray(density.shape) * voxel / settings.voxel_size), 1)
+    new_shape = _resampled_shape(density, settings)
     steps = [
         f"resample {_format_voxel(voxel)} Å → {settings.voxel_size:g} Å "
         f"({_format_shape(density.shape)} → {_format_shape(new_shape)})",
     ]
-    if np.any(voxel < settings.voxel_size):
+    if settings.antialias and np.any(voxel < settings.voxel_size):
         steps.append(f"low-pass at {2 * settings.voxel_size:g} Å")
+    if settings.contour_level is not None:
+        steps.insert(0, f"mask at contour {settings.contour_level:.4g}")
     box = settings.box
     if np.any(new_shape > box):
         steps.append(f"crop to {box}³ around the centre of mass")
     if np.any(new_shape < box):
         steps.append(f"pad to {box}³")
-    steps.append("normalise to mean 0, s.d. 1")
+    if settings.normalise:
+        steps.append("normalise to mean 0, s.d. 1")
     return "; ".join(steps)
+
+
+def input_concerns(density: DensityMap, settings: PreprocessSettings) -> list[str]:
+    """Why a map lies far outside what the model was trained on, said before the run.
+
+    Cheap enough for the UI thread: the density outside the box is estimated on a strided
+    subsample of at most about 128³ voxels.
+    """
+    if density.voxel_size is None:
+        return []
+    concerns = []
+    new_shape = _resampled_shape(density, settings)
+    if new_shape.min() < MIN_VOXELS_PER_AXIS:
+        concerns.append(
+            f"At {settings.voxel_size:g} Å this map is only {_format_shape(new_shape)} voxels, far "
+            f"smaller than the maps the model learned (particles filling much of a {settings.box}³ "
+            "box): its reconstruction will mean little. Check the voxel size.")
+    coarsest = float(max(density.voxel_size))
+    if coarsest > COARSEST_VOXEL_FACTOR * settings.voxel_size:
+        concerns.append(
+            f"The map's voxels ({coarsest:.3g} Å) are much coarser than the model's "
+            f"{settings.voxel_size:g} Å: upsampling adds no detail, so expect no more than "
+            f"{2 * coarsest:.3g} Å resolution from it.")
+    outside = estimated_fraction_outside(density, settings)
+    if outside > CROPPED_FRACTION:
+        edge = settings.box * settings.voxel_size
+        concerns.append(
+            f"About {outside:.0%} of the density lies outside the model's {settings.box}³ box "
+            f"({edge:g} Å wide) and will be cut off. Mask or crop the map to one particle first.")
+    return concerns
+
+
+def estimated_fraction_outside(density: DensityMap, settings: PreprocessSettings) -> float:
+    """The fraction of positive density that the model's box, centred as preprocessing centres
+    it, would leave out: the preprocessing's own measure, estimated on a strided subsample."""
+    voxel = np.asarray(density.voxel_size, float)
+    shape = np.asarray(density.shape)
+    step = np.maximum(np.floor(settings.voxel_size / voxel), np.ceil(shape / 128)).astype(int)
+    step = np.maximum(step, 1)
+    coarse = np.clip(np.asarray(density.data[::step[0], ::step[1], ::step[2]], np.float32), 0, None)
+    total = float(coarse.sum())
+    if total <= 0:
+        return 0.0
+    centre = centre_of_mass(coarse) * step * voxel
+    half = settings.box * settings.voxel_size / 2
+    inside = [np.abs(np.arange(n) * s * v - c) <= half
+              for n, s, v, c in zip(coarse.shape, step, voxel, centre)]
+    kept = float(coarse[np.ix_(*inside)].sum())
+    return max(0.0, 1.0 - kept / total)
 
 
 def reconstruct_map(
     density: DensityMap,
     checkpoints: list,
+    settings: PreprocessSettings,
     device=None,
-    settings: PreprocessSettings = PreprocessSettings(),
     stage: Stage | None = None,
     should_stop: StopCheck | None = None,
 ) -> ReconstructionResult:
-    """Preprocess ``density``, reconstruct it with every checkpoint, map results back.
+    """Preprocess ``density`` as ``settings`` say and reconstruct it with every checkpoint.
 
     Args:
         checkpoints: ``LoadedCheckpoint`` objects (a two-level Cryo-SWAN gives "RQ1+RQ2", its
             RQ1-only ablation "RQ1").
+        settings: the preprocessing of the checkpoints' input contract.
         stage: called as (done, total, message) as the work advances.
         should_stop: checked between stages; raises ``engine.Cancelled`` when it says True.
     """
@@ -101,23 +166,25 @@ def reconstruct_map(
 
     report(0, total, "preprocessing")
     prepared = preprocess(density, settings)
-    result = ReconstructionResult(prepared.record, _denormalise(prepared.data, prepared),
-                                  to_input_grid(np.ones_like(prepared.data), prepared.record,
-                                                density, order=0) > 0.5)
+    result = ReconstructionResult(prepared.record, denormalise(prepared.data, prepared.record))
+    if prepared.record.fraction_outside > 0.01:
+        result.notes.append(
+            f"{prepared.record.fraction_outside:.0%} of the density lay outside the "
+            f"{settings.box}³ box at {settings.voxel_size:g} Å and was cut off before the model "
+            "saw it.")
     for i, checkpoint in enumerate(checkpoints, start=1):
         check()
         report(i, total, f"reconstructing with {checkpoint.model.name}")
-        levels = reconstruct(checkpoint.model, prepared.data[None], device, batch_size=1,
-                             should_stop=should_stop)
-        for level, volumes in levels.items():
-            box = _denormalise(volumes[0], prepared)
-            result.levels.append(LevelReconstruction(
-                level=level,
+        variants = reconstruct(checkpoint.model, prepared.data[None], device, batch_size=1,
+                               should_stop=should_stop)
+        for variant, volumes in variants.items():
+            box = denormalise(volumes[0], prepared.record)
+            result.variants.append(VariantReconstruction(
+                variant=variant,
                 model=checkpoint.model.name,
                 checkpoint=str(checkpoint.path),
                 checkpoint_id=checkpoint.checkpoint_id,
                 box=box,
-                on_input_grid=to_input_grid(box, prepared.record, density),
                 fsc=fsc(box, result.input_box, settings.voxel_size),
                 metrics=voxel_metrics(volumes[0], prepared.data),
             ))
@@ -126,30 +193,9 @@ def reconstruct_map(
     return result
 
 
-def to_input_grid(box: np.ndarray, record: PreprocessRecord, source: DensityMap,
-                  order: int = 1) -> np.ndarray:
-    """Resample a volume on the model's box grid onto the source map's voxel grid.
-
-    Source voxel i sits at origin + i·voxel (Å); in the box grid that is
-    (origin + i·voxel − box_origin) / box voxel size. Voxels outside the box get 0.
-    """
-    from scipy.ndimage import affine_transform
-
-    if record.rotation is not None:
-        raise ValueError("A rotated (augmented) volume does not overlay its source map.")
-    box_voxel = record.voxel_size
-    scale = np.asarray(source.voxel_size, dtype=float) / box_voxel
-    offset = (np.asarray(source.origin, float) - np.asarray(record.box_origin, float)) / box_voxel
-    return affine_transform(np.asarray(box, np.float32), scale, offset=offset,
-                            output_shape=source.shape, order=order, mode="grid-constant",
-                            cval=0.0).astype(np.float32)
-
-
-def _denormalise(data: np.ndarray, prepared: Preprocessed) -> np.ndarray:
-    record = prepared.record
-    if record.std is None:
-        return np.asarray(data, np.float32)
-    return (np.asarray(data, np.float32) * record.std + record.mean).astype(np.float32)
+def _resampled_shape(density: DensityMap, settings: PreprocessSettings) -> np.ndarray:
+    voxel = np.asarray(density.voxel_size, float)
+    return np.maximum(np.round(np.asarray(density.shape) * voxel / settings.voxel_size), 1).astype(int)
 
 
 def _format_voxel(voxel: np.ndarray) -> str:

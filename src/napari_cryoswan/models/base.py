@@ -83,8 +83,14 @@ class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
         with _evaluating(self), torch.inference_mode():
             return self(x).recon
 
-    def level_reconstructions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reconstructions named by the levels they use (Cryo-SWAN: {"RQ1+RQ2": …}).
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The names of the reconstructions that `reconstruction_variants` returns."""
+        return (self.name,)
+
+    def reconstruction_variants(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Reconstructions by variant: the name says which quantizer levels a variant uses
+        (Cryo-SWAN: {"RQ1+RQ2": …}; its RQ1-only ablation: {"RQ1": …}).
 
         Shape: each like x."""
         return {self.name: self.reconstruct(x)}

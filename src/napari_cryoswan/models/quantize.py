@@ -268,19 +268,6 @@ def _straight_through(f_BCdhw: torch.Tensor, f_quant_BCdhw: torch.Tensor) -> tor
     return f_quant_BCdhw
 
 
-def vector_quantizer(codebook_size: int, dim: int, latent_size: int, beta: float,
-                     dead_after: int = 50) -> ResidualQuantizer:
-    """VQ-VAE (van den Oord et al. 2017): one nearest-code lookup per latent position."""
-    return ResidualQuantizer(codebook_size, dim, (latent_size,), beta, refine=False, dead_after=dead_after)
-
-
-def rq_quantizer(codebook_size: int, dim: int, latent_size: int, depth: int, beta: float,
-                 dead_after: int = 50) -> ResidualQuantizer:
-    """RQ-VAE (Lee et al. 2022): `depth` residual lookups at full resolution, shared codebook."""
-    return ResidualQuantizer(codebook_size, dim, (latent_size,) * depth, beta, refine=False,
-                             dead_after=dead_after)
-
-
 class StochasticQuantizer(nn.Module):
     """SQ-VAE's stochastic quantization (Takida et al. 2022), used by the HQ-VAE baseline.
 

@@ -120,9 +120,12 @@ class CryoSwan(Autoencoder):
         f_quant = self.quantizers[0].decode(codes[self.level_name(1)])
         return self.decoders[0](self.post_quant_convs[0](f_quant))
 
-    def level_reconstructions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        name = "+".join(f"RQ{k}" for k in range(1, self.config.levels + 1))
-        return {name: self.reconstruct(x)}
+    @property
+    def variants(self) -> tuple[str, ...]:
+        return ("+".join(f"RQ{k}" for k in range(1, self.config.levels + 1)),)
+
+    def reconstruction_variants(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {self.variants[0]: self.reconstruct(x)}
 
     def codebooks(self) -> dict[str, nn.Module]:
         return {self.level_name(k + 1): q.codebook for k, q in enumerate(self.quantizers)}

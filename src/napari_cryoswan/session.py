@@ -1,0 +1,158 @@
+"""The one door into the core: a ``Session`` holds the device, the loaded checkpoints and the
+use cases that widgets and command-line tools call.
+
+There is one session per napari viewer (``Session.for_viewer``) and one per command-line run.
+Widgets import only this module and ``layers``; everything a use case needs (preprocessing for
+the checkpoint's input contract, the device, the models) is decided here, off the UI thread.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from pathlib import Path
+
+from .checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_file, load_checkpoint
+from .io import DensityMap
+from .reconstruction import (
+    ReconstructionResult,
+    Stage,
+    describe_preprocessing,
+    input_concerns,
+    reconstruct_map,
+)
+
+DEVICES = ("auto", "cpu", "cuda")
+CONTROL_VARIANT = "RQ1"  # the separately trained RQ1-only model beside the full one
+
+_viewer_sessions: dict[int, Session] = {}
+
+
+class Session:
+    """Device, checkpoint cache and use cases for one viewer or one command-line run.
+
+    Checkpoints are read and hashed once per file version (path, size, modification time) and
+    their models kept; a changed file is read again. Safe to call from worker threads.
+    """
+
+    def __init__(self, device: str = "auto"):
+        self.device_name = device
+        self._checkpoints: dict[tuple, LoadedCheckpoint] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_viewer(cls, viewer) -> Session:
+        """The viewer's session, made on first use and dropped with the viewer."""
+        key = id(viewer)
+        if key not in _viewer_sessions:
+            _viewer_sessions[key] = cls()
+            weakref.finalize(viewer, _viewer_sessions.pop, key, None)
+        return _viewer_sessions[key]
+
+    @property
+    def device(self):
+        from .engine import choose_device
+
+        return choose_device(self.device_name)
+
+    def checkpoint(self, path: str | os.PathLike, kind: str = "autoencoder") -> LoadedCheckpoint:
+        """The checkpoint at ``path``, read once and then served from memory."""
+        key = _file_version(path)
+        with self._lock:
+            if key not in self._checkpoints:
+                self._checkpoints[key] = load_checkpoint(path, kind=kind)
+            loaded = self._checkpoints[key]
+        if loaded.kind != kind:
+            raise CheckpointError(
+                f"{Path(path).name} holds a {loaded.kind} model, not an {kind}. "
+                f"Choose an {kind} checkpoint.")
+        return loaded
+
+    def cached_checkpoint(self, path: str | os.PathLike) -> LoadedCheckpoint | None:
+        """The checkpoint if it is already in memory (never reads a file: for the UI thread)."""
+        try:
+            return self._checkpoints.get(_file_version(path))
+        except CheckpointError:
+            return None
+
+    # --- use cases -----------------------------------------------------------------------
+
+    def describe_reconstruction(self, density: DensityMap, checkpoint: str | os.PathLike,
+                                contour_level: float | None = None) -> tuple[str, list[str]]:
+        """(what preprocessing will do, why the map may be far from the training data).
+
+        Uses the checkpoint's input contract when it is loaded, else the paper's, and says so.
+        """
+        from .checkpoint import InputContract
+        from .preprocess import PreprocessSettings
+
+        loaded = self.cached_checkpoint(checkpoint)
+        contract = loaded.contract if loaded else InputContract.of(PreprocessSettings())
+        settings = contract.settings(contour_level)
+        text = describe_preprocessing(density, settings)
+        if loaded is None:
+            text += " (the checkpoint's own input contract is read when it runs)"
+        return text, input_concerns(density, settings)
+
+    def reconstruct(
+        self,
+        density: DensityMap,
+        checkpoint: str | os.PathLike,
+        control: str | os.PathLike | None = None,
+        *,
+        contour_level: float | None = None,
+        stage: Stage | None = None,
+        should_stop=None,
+    ) -> ReconstructionResult:
+        """Reconstruct a map with a checkpoint and, optionally, its RQ1-only control.
+
+        The preprocessing is the checkpoint's input contract; ``contour_level`` masks the map
+        first. Warnings about the input are in ``result.notes``.
+        """
+        report = stage or (lambda done, total, message: None)
+        report(0, 1, "loading the checkpoint")
+        loaded = [self.checkpoint(checkpoint)]
+        if control is not None:
+            loaded.append(self.checkpoint(control))
+            check_control(loaded[0], loaded[1])
+        contract = loaded[0].contract
+        result = reconstruct_map(density, loaded, contract.settings(contour_level), self.device,
+                                 stage=stage, should_stop=should_stop)
+        result.notes[:0] = input_concerns(density, contract.settings(contour_level))
+        return result
+
+
+def open_emdb_entry(accession: str, progress=None, should_stop=None):
+    """An EMDB entry's map, from the cache or downloaded: (``emdb.EmdbMap``, its layer data,
+    the warnings raised while reading it, to be shown from the UI thread)."""
+    from ._reader import read_density_layers_quietly
+    from .emdb import fetch_entry
+
+    entry = fetch_entry(accession, progress=progress, should_stop=should_stop)
+    layer_data, notices = read_density_layers_quietly(entry.path, entry.layer_metadata())
+    return entry, layer_data, notices
+
+
+def check_control(main: LoadedCheckpoint, control: LoadedCheckpoint) -> None:
+    """The control must be an RQ1-only model trained for the same input as the main one."""
+    if tuple(control.model.variants) != (CONTROL_VARIANT,):
+        raise CheckpointError(
+            f"The RQ1 checkpoint {control.path.name} holds a '{control.model.name}' model, which "
+            f"decodes {', '.join(control.model.variants)}, not the RQ1-only Cryo-SWAN ablation. "
+            "Choose a swan-rq1 checkpoint, or untick the RQ1 comparison.")
+    if control.contract != main.contract:
+        raise CheckpointError(
+            f"The RQ1 checkpoint {control.path.name} was trained on {_contract_text(control)} maps "
+            f"and {main.path.name} on {_contract_text(main)}: they cannot reconstruct the same "
+            "input. Choose checkpoints trained on the same corpus.")
+
+
+def _contract_text(loaded: LoadedCheckpoint) -> str:
+    return f"{loaded.contract.box}³ at {loaded.contract.voxel_size:g} Å"
+
+
+def _file_version(path: str | os.PathLike) -> tuple:
+    path = checkpoint_file(path)
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
