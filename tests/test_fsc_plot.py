@@ -388,3 +388,22 @@ def test_a_map_pair_uses_the_maps_own_grid(make_napari_viewer, qtbot):
                          scale=(11.4,) * 3)
     plot.add_pair_of(a, b)
     assert plot.axes.get_xlim() == pytest.approx((0.0, 1 / 22.8))
+
+
+def test_the_plot_draws_visible_layers_curves_and_at_most_six(make_napari_viewer, qtbot):
+    from napari_cryoswan.metrics import fsc
+
+    viewer = make_napari_viewer()
+    plot = FSCWidget(viewer)
+    viewer.window.add_dock_widget(plot)
+    rng = np.random.default_rng(0)
+    volume = rng.normal(size=(16, 16, 16)).astype(np.float32)
+    curve = fsc(volume, volume + rng.normal(size=volume.shape).astype(np.float32), 4.0).to_dict()
+    layers = [viewer.add_image(volume, name=f"r{i}", metadata={"fsc": curve}) for i in range(8)]
+    assert len(plot.curves()) == 8
+    assert len(plot.axes.lines) == 6 + 2  # the six newest curves and the two threshold lines
+    assert "6 newest of 8" in plot.axes.get_title()
+    for layer in layers[:3]:
+        layer.visible = False
+    assert set(plot.curves()) == {f"r{i} vs input" for i in range(3, 8)}
+    assert len(plot.axes.lines) == 5 + 2 and not plot.axes.get_title()

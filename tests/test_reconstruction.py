@@ -122,3 +122,11 @@ def test_density_outside_the_box_is_flagged_before_and_after_the_run():
     result = reconstruct_map(density, [identity_checkpoint()], SETTINGS)
     assert any("cut off" in note for note in result.notes)
     assert abs(estimated_fraction_outside(density, SETTINGS) - result.record.fraction_outside) < 0.1
+
+
+def test_the_fsc_of_a_coarse_map_stops_at_its_own_nyquist(make_blob_map):
+    density = make_blob_map(shape=(20, 20, 20), voxel=(11.4,) * 3)
+    result = reconstruct_map(density, [identity_checkpoint()], SETTINGS)
+    curve = result.variants[0].fsc
+    assert curve.frequency[-1] <= 1 / 22.8 + 1e-9
+    assert curve.resolution(0.143).format() == f"≤ {1 / curve.frequency[-1]:.1f} Å (Nyquist)"

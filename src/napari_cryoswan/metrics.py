@@ -83,6 +83,14 @@ class FSCCurve:
     def resolution(self, threshold: float) -> Resolution:
         return fsc_resolution(self, threshold)
 
+    def up_to(self, max_frequency: float) -> FSCCurve:
+        """The curve up to ``max_frequency`` (Å⁻¹): a map sampled more coarsely than this grid
+        holds nothing beyond its own Nyquist, so shells past it would only show interpolation."""
+        keep = self.frequency <= max_frequency + 1e-12
+        keep[:2] = True  # shells 0 and 1 always: a resolution needs them
+        return FSCCurve(self.shell[keep], self.frequency[keep], self.correlation[keep],
+                        self.n_voxels[keep], self.box, self.voxel_size)
+
     def to_dict(self) -> dict:
         """Plain lists and the resolutions at the standard thresholds (for layer metadata).
 
@@ -235,10 +243,6 @@ def scale_like_target(prediction: np.ndarray, target: np.ndarray) -> tuple[np.nd
 def mse(prediction: np.ndarray, target: np.ndarray) -> float:
     p, t = scale_like_target(prediction, target)
     return float(np.mean((p - t) ** 2))
-
-
-def rmse(prediction: np.ndarray, target: np.ndarray) -> float:
-    return float(np.sqrt(mse(prediction, target)))
 
 
 def psnr(prediction: np.ndarray, target: np.ndarray) -> float:

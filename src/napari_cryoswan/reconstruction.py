@@ -89,11 +89,13 @@ def describe_preprocessing(density: DensityMap, settings: PreprocessSettings) ->
     return "; ".join(steps)
 
 
-def input_concerns(density: DensityMap, settings: PreprocessSettings) -> list[str]:
+def input_concerns(density: DensityMap, settings: PreprocessSettings,
+                   estimate_outside: bool = True) -> list[str]:
     """Why a map lies far outside what the model was trained on, said before the run.
 
     Cheap enough for the UI thread: the density outside the box is estimated on a strided
-    subsample of at most about 128³ voxels.
+    subsample of at most about 128³ voxels (``estimate_outside=False`` leaves that to the run,
+    which measures it).
     """
     if density.voxel_size is None:
         return []
@@ -110,7 +112,7 @@ def input_concerns(density: DensityMap, settings: PreprocessSettings) -> list[st
             f"The map's voxels ({coarsest:.3g} Å) are much coarser than the model's "
             f"{settings.voxel_size:g} Å: upsampling adds no detail, so expect no more than "
             f"{2 * coarsest:.3g} Å resolution from it.")
-    outside = estimated_fraction_outside(density, settings)
+    outside = estimated_fraction_outside(density, settings) if estimate_outside else 0.0
     if outside > CROPPED_FRACTION:
         edge = settings.box * settings.voxel_size
         concerns.append(
@@ -166,6 +168,8 @@ def reconstruct_map(
 
     report(0, total, "preprocessing")
     prepared = preprocess(density, settings)
+    # A map coarser than the box holds nothing past its own Nyquist: the FSC stops there.
+    source_nyquist = 1.0 / (2.0 * max(max(density.voxel_size), settings.voxel_size))
     result = ReconstructionResult(prepared.record, denormalise(prepared.data, prepared.record))
     if prepared.record.fraction_outside > 0.01:
         result.notes.append(
@@ -185,7 +189,7 @@ def reconstruct_map(
                 checkpoint=str(checkpoint.path),
                 checkpoint_id=checkpoint.checkpoint_id,
                 box=box,
-                fsc=fsc(box, result.input_box, settings.voxel_size),
+                fsc=fsc(box, result.input_box, settings.voxel_size).up_to(source_nyquist),
                 metrics=voxel_metrics(volumes[0], prepared.data),
             ))
     check()

@@ -119,7 +119,9 @@ class Session:
         contract = loaded[0].contract
         result = reconstruct_map(density, loaded, contract.settings(contour_level), self.device,
                                  stage=stage, should_stop=should_stop)
-        result.notes[:0] = input_concerns(density, contract.settings(contour_level))
+        # The run measured the density outside the box: its note replaces the estimate.
+        result.notes[:0] = input_concerns(density, contract.settings(contour_level),
+                                          estimate_outside=False)
         return result
 
 

@@ -16,6 +16,9 @@ from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 from ._canvas import PlotCanvas, ThemeColors
 
 
+MAX_DRAWN = 6
+
+
 class FSCWidget(QWidget):
     def __init__(self, viewer: napari.viewer.Viewer):  # noqa: F821 (a string: napari injects by it)
         super().__init__()
@@ -42,6 +45,7 @@ class FSCWidget(QWidget):
         events = viewer.layers.events
         for event in (events.inserted, events.removed, events.reordered, events.renamed):
             self.plot.connect_event(event, self._layers_changed)
+        self.plot.connect_event(events, self._layer_shown_or_hidden)  # the list relays each layer's
         self._layers_changed()
 
     def _image_layers(self, widget=None) -> list:
@@ -50,9 +54,10 @@ class FSCWidget(QWidget):
         return [layer for layer in self.viewer.layers if isinstance(layer, Image) and layer.ndim == 3]
 
     def curves(self) -> dict[str, dict]:
-        """Every curve shown: reconstruction layers' own, then the user's pairs."""
+        """The curves of the visible reconstruction layers, then the user's pairs (what the
+        figure draws, up to ``MAX_DRAWN`` of them, and what the CSV holds)."""
         stored = {f"{layer.name} vs input": layer.metadata["fsc"] for layer in self.viewer.layers
-                  if isinstance(layer.metadata.get("fsc"), dict)}
+                  if isinstance(layer.metadata.get("fsc"), dict) and layer.visible}
         return {**stored, **self.pairs}
 
     def add_selected_pair(self) -> None:
@@ -82,8 +87,12 @@ class FSCWidget(QWidget):
     def _draw(self, colors: ThemeColors) -> None:
         from ..figures import draw_fsc
 
-        draw_fsc(self.axes, self.curves(), text_color=colors.text, background=colors.background,
-                 empty_text="Reconstruct a map, or add a pair of maps")
+        curves = self.curves()
+        drawn = dict(list(curves.items())[-MAX_DRAWN:])  # a legend of more would hide the axes
+        title = None if len(drawn) == len(curves) else (
+            f"The {len(drawn)} newest of {len(curves)} curves: hide result layers to choose")
+        draw_fsc(self.axes, drawn, text_color=colors.text, background=colors.background,
+                 title=title, empty_text="Reconstruct a map, or add a pair of maps")
 
     def save_figure(self, path: str | Path) -> Path:
         """Save the figure; the format follows the suffix (.png or .svg)."""
@@ -114,6 +123,10 @@ class FSCWidget(QWidget):
             self.save_figure(path) if what == "figure" else self.save_csv(path)
         except (OSError, ValueError) as err:
             show_error(f"Could not save {path}: {err}")
+
+    def _layer_shown_or_hidden(self, event) -> None:
+        if event.type == "visible":
+            self.redraw()
 
     def _layers_changed(self, event=None) -> None:
         self.first.reset_choices()

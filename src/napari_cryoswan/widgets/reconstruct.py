@@ -66,6 +66,7 @@ class ReconstructWidget(ModelJobWidget):
         contour = float(job.layer.iso_threshold)
         added = [self.viewer.add_layer(_make_layer(*data)) for data in
                  reconstruction_layer_data(job.layer.name, job.layer.unique_id, result, contour)]
+        self.viewer.layers.selection.active = added[0]  # its contour control, not the hidden Δ's
         status = "Done: " + ", ".join(layer.name for layer in added)
         if not any(v.variant == "RQ1" for v in result.variants):
             status += ". RQ1 alone: not run (no RQ1 control checkpoint chosen)."
