@@ -211,6 +211,17 @@ def test_save_layer_round_trip(make_napari_viewer, data_dir, tmp_path):
     np.testing.assert_allclose(saved.origin, layer.translate, atol=1e-3)
 
 
+@pytest.mark.parametrize("name, label", [("4JSV sim Δ RQ1+RQ2", "4JSV sim Delta RQ1+RQ2"),
+                                         ("blobs (8 Å, 64³)", "blobs (8 A, 64^3)")])
+def test_a_layer_with_a_non_ascii_name_saves(make_napari_viewer, tmp_path, name, label):
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.ones((8, 8, 8), np.float32), name=name, scale=(4.0, 4.0, 4.0),
+                             units=("angstrom",) * 3)
+    out = tmp_path / "saved.mrc"
+    layer.save(str(out), plugin="napari-cryoswan")
+    assert f"napari-cryoswan: {label}" in read_map(out).header["labels"]
+
+
 def test_main_command_opens_the_sample_in_3d(monkeypatch, qtbot):
     import napari
 

@@ -28,11 +28,16 @@ class FSCWidget(QWidget):
         self.axes = self.figure.add_subplot()
         self.pairs: dict[str, dict] = {}  # user-added pair curves, label → FSCCurve.to_dict()
 
-        self.first = ComboBox(label="map A", choices=self._image_layers, nullable=True)
-        self.second = ComboBox(label="map B", choices=self._image_layers, nullable=True)
-        self.add_pair = PushButton(text="Add FSC of A and B")
-        self.save_figure_button = PushButton(text="Save figure…")
-        self.save_csv_button = PushButton(text="Save curves (CSV)…")
+        self.first = ComboBox(label="map A", choices=self._image_layers, nullable=True,
+                              tooltip="Two maps on the same voxel grid (e.g. half maps).")
+        self.second = ComboBox(label="map B", choices=self._image_layers, nullable=True,
+                               tooltip="Two maps on the same voxel grid (e.g. half maps).")
+        self.add_pair = PushButton(text="Add FSC of A and B",
+                                   tooltip="Add the FSC curve of map A against map B to the plot.")
+        self.save_figure_button = PushButton(text="Save figure…", tooltip="PNG or SVG.")
+        self.save_csv_button = PushButton(
+            text="Save curves (CSV)…",
+            tooltip="The curves of the visible results and of the pairs, shell by shell.")
         controls = Container(widgets=[self.first, self.second, self.add_pair,
                                       self.save_figure_button, self.save_csv_button])
         layout = QVBoxLayout(self)
