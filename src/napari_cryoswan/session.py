@@ -13,7 +13,9 @@ import threading
 import weakref
 from pathlib import Path
 
+from ._atomic import atomic_path as write_atomically  # noqa: F401 (for widgets that save files)
 from .checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_file, load_checkpoint
+from .engine import Cancelled  # noqa: F401 (what a cancelled use case raises, for the widgets)
 from .io import DensityMap
 from .reconstruction import (
     ReconstructionResult,
@@ -123,6 +125,40 @@ class Session:
         result.notes[:0] = input_concerns(density, contract.settings(contour_level),
                                           estimate_outside=False)
         return result
+
+
+def bundled_checkpoint(name: str) -> str:
+    """The path of a checkpoint shipped in the package, or '' when this installation lacks it."""
+    from .checkpoint import bundled_checkpoint_path
+
+    try:
+        return str(bundled_checkpoint_path(name))
+    except CheckpointError:
+        return ""
+
+
+def fsc_of_maps(a: DensityMap, b: DensityMap) -> dict:
+    """The FSC of two maps on one grid, as ``FSCCurve.to_dict()`` (what layer metadata holds)."""
+    from .metrics import fsc_between_maps
+
+    return fsc_between_maps(a, b).to_dict()
+
+
+def save_fsc_curves(path: str | os.PathLike, curves: dict[str, dict]) -> Path:
+    """Write FSC curves (label → ``FSCCurve.to_dict()``) as CSV, atomically."""
+    from .metrics import fsc_curves_csv
+
+    path = Path(path)
+    with write_atomically(path) as tmp:
+        Path(tmp).write_text(fsc_curves_csv(curves))
+    return path
+
+
+def parse_accession(text: str) -> str:
+    """'EMD-1234' from 'EMD-1234', 'emd_1234', '1234' or 'emdb:1234'; ValueError otherwise."""
+    from . import emdb
+
+    return emdb.parse_accession(text)
 
 
 def open_emdb_entry(accession: str, progress=None, should_stop=None):

@@ -266,7 +266,7 @@ class ModelJobWidget(Container):
         show_info(f"A result was dropped because {reason}.")
 
     def _on_error(self, job: Job, error) -> None:
-        from ..engine import Cancelled
+        from ..session import Cancelled
 
         self._set_running(False)
         self.progress.value = 0

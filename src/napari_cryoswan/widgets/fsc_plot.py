@@ -79,9 +79,9 @@ class FSCWidget(QWidget):
 
     def add_pair_of(self, a, b) -> dict:
         from ..layers import density_from_layer
-        from ..metrics import fsc_between_maps
+        from ..session import fsc_of_maps
 
-        curve = fsc_between_maps(density_from_layer(a), density_from_layer(b)).to_dict()
+        curve = fsc_of_maps(density_from_layer(a), density_from_layer(b))
         self.pairs[f"{a.name} vs {b.name}"] = curve
         self.redraw()
         return curve
@@ -104,15 +104,17 @@ class FSCWidget(QWidget):
         path = Path(path)
         if path.suffix.lower() not in (".png", ".svg"):
             raise ValueError("Save the figure as .png or .svg.")
-        self.figure.savefig(path, facecolor=self.figure.get_facecolor())
+        from ..session import write_atomically
+
+        with write_atomically(path) as tmp:
+            self.figure.savefig(tmp, facecolor=self.figure.get_facecolor(),
+                                format=path.suffix.lstrip(".").lower())
         return path
 
     def save_csv(self, path: str | Path) -> Path:
-        from ..metrics import fsc_curves_csv
+        from ..session import save_fsc_curves
 
-        path = Path(path)
-        path.write_text(fsc_curves_csv(self.curves()))
-        return path
+        return save_fsc_curves(path, self.curves())
 
     def _ask_and_save(self, what: str) -> None:
         from napari.utils.notifications import show_error

@@ -53,7 +53,7 @@ class OpenEmdbWidget(Container):
         from napari.utils.notifications import show_error
         from superqt.utils import create_worker
 
-        from ..emdb import parse_accession
+        from ..session import parse_accession
 
         try:
             accession = parse_accession(self.accession.value)
@@ -120,7 +120,7 @@ class OpenEmdbWidget(Container):
     def _on_error(self, job: int, accession: str, error: Exception) -> None:
         from napari.utils.notifications import show_error
 
-        from ..engine import Cancelled
+        from ..session import Cancelled
 
         if job != self._job or isinstance(error, Cancelled):
             return

@@ -11,16 +11,8 @@ from pathlib import Path
 
 from magicgui.widgets import CheckBox, FileEdit
 
+from ..session import bundled_checkpoint
 from ._jobs import Job, ModelJobWidget, typed_path
-
-
-def _bundled(name: str) -> str:
-    from ..checkpoint import CheckpointError, bundled_checkpoint_path
-
-    try:
-        return str(bundled_checkpoint_path(name))
-    except CheckpointError:
-        return ""
 
 
 class ReconstructWidget(ModelJobWidget):
@@ -28,17 +20,17 @@ class ReconstructWidget(ModelJobWidget):
 
     def __init__(self, viewer: napari.viewer.Viewer):  # noqa: F821 (a string: napari injects by it)
         self.compare_rq1 = CheckBox(
-            text="also RQ1 alone (control checkpoint)", value=bool(_bundled("swan-rq1")),
+            text="also RQ1 alone (control checkpoint)", value=bool(bundled_checkpoint("swan-rq1")),
             tooltip="Reconstruct with a separately trained RQ1-only model too, to see what the "
                     "second level adds.")
-        self.rq1_checkpoint = FileEdit(label="RQ1 checkpoint", value=_bundled("swan-rq1"),
+        self.rq1_checkpoint = FileEdit(label="RQ1 checkpoint", value=bundled_checkpoint("swan-rq1"),
                                        filter="*.pt", tooltip="An RQ1-only (swan-rq1) checkpoint.")
         self.mask = CheckBox(
             text="mask at the layer's contour level first",
             tooltip="Keep only the density above the map layer's iso-surface level (with a soft "
                     "edge) before the model sees it: for maps with other particles or noise in "
                     "the box.")
-        super().__init__(viewer, checkpoint=_bundled("swan"),
+        super().__init__(viewer, checkpoint=bundled_checkpoint("swan"),
                          extra=(self.compare_rq1, self.rq1_checkpoint, self.mask))
         self.compare_rq1.changed.connect(self._rq1_enabled)
         self.mask.changed.connect(self.describe)
