@@ -25,7 +25,16 @@ def test_report_on_a_corpus_split(tiny_corpus, small_checkpoints, tmp_path):
         assert column in markdown
     assert "binarise" in markdown and "Ablation: RQ1 alone versus RQ1+RQ2" in markdown
     rows = list(csv.DictReader(open(out / "report.csv")))
-    assert [r["model"] for r in rows] == ["swan (RQ1+RQ2)", "swan-rq1 (RQ1)"]
+    assert [r["model"] for r in rows] == [
+        "swan (RQ1+RQ2)", "wavelet @ swan's bits", "dct @ swan's bits",
+        "swan-rq1 (RQ1)", "wavelet @ swan-rq1's bits", "dct @ swan-rq1's bits"]
+    # bits per map: the small presets' latents (7-bit indices), and streams within them
+    assert [r["bits_per_map"] for r in rows[::3]] == ["76622", "72527"]
+    for row in rows:
+        budget = 76_622 if "swan's" in row["model"] or row["model"].startswith("swan (") else 72_527
+        assert int(row["bit_budget"]) == budget and 0 < float(row["bits_per_map"]) <= budget
+    assert rows[1]["budget_of"] == "swan (RQ1+RQ2)" and rows[1]["checkpoint"] == paths[0]
+    assert "| model | bits/map | MSE ↓" in markdown and "| swan (RQ1+RQ2) | 76,622 |" in markdown
 
     # the numbers are what the metrics module gives for these reconstructions
     data = Corpus(tiny_corpus)
@@ -36,11 +45,51 @@ def test_report_on_a_corpus_split(tiny_corpus, small_checkpoints, tmp_path):
     curve = fsc(recon[0], volumes[0], 4.0)
     curve = type(curve)(curve.shell, curve.frequency, mean_curve, curve.n_voxels, 64, 4.0)
     assert float(rows[0]["psnr"]) == pytest.approx(psnr, rel=1e-4)
-    assert float(rows[0]["fsc_0.5"]) == pytest.approx(fsc_resolution(curve, 0.5).angstrom, rel=1e-4)
+    expected = fsc_resolution(curve, 0.5)  # an untrained model's curve need not cross
+    assert rows[0]["fsc_0.5_kind"] == expected.kind
+    if expected.angstrom is None:
+        assert rows[0]["fsc_0.5"] == ""
+    else:
+        assert float(rows[0]["fsc_0.5"]) == pytest.approx(expected.angstrom, rel=1e-4)
 
     report = json.loads((out / "report.json").read_text())
     assert "binarisation" in report and report["results"][0]["codebook_usage"]["rq1"]["size"] == 128
     assert len(report["results"][0]["fsc_mean"]) == 33
+    codec_row = report["results"][1]
+    assert (codec_row["variant"], codec_row["codebook_usage"]) == ("wavelet", {})
+    assert codec_row["bit_budget"] == 76_622 and len(codec_row["fsc_mean"]) == 33
+    assert "| wavelet @ swan's bits |" not in markdown.split("## Codebook usage")[1]
+
+
+def test_codec_rows_are_scored_from_their_bytes_like_the_models(tiny_corpus, small_checkpoints,
+                                                                tmp_path):
+    from napari_cryoswan.codecs import get_codec
+
+    out = tmp_path / "report"
+    assert main(["--checkpoints", str(small_checkpoints["swan-rq1"]), "--corpus", str(tiny_corpus),
+                 "--out", str(out), "--device", "cpu", "--codecs", "wavelet",
+                 "--codec-fractions", "1", "0.05"]) == 0
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert [r["model"] for r in rows] == ["swan-rq1 (RQ1)", "wavelet @ swan-rq1's bits",
+                                          "wavelet @ 0.05 × swan-rq1's bits"]
+    data = Corpus(tiny_corpus)
+    volumes = data.load_batch(data.split_indices("test"))
+    codec = get_codec("wavelet")
+    blobs = [codec.encode(v, 3626) for v in volumes]  # 0.05 × 72,527 bits
+    recon = [codec.decode(b, v.shape) for b, v in zip(blobs, volumes)]
+    assert int(rows[2]["bit_budget"]) == 3626
+    assert float(rows[2]["bits_per_map"]) == pytest.approx(np.mean([len(b) * 8 for b in blobs]))
+    psnr = np.mean([voxel_metrics(p, t)["psnr"] for p, t in zip(recon, volumes)])
+    assert float(rows[2]["psnr"]) == pytest.approx(psnr, rel=1e-4)
+    assert float(rows[1]["psnr"]) > float(rows[2]["psnr"])  # more bits, a closer map
+
+
+def test_codecs_can_be_left_out(tiny_corpus, small_checkpoints, tmp_path):
+    out = tmp_path / "report"
+    assert main(["--checkpoints", str(small_checkpoints["swan-rq1"]), "--corpus", str(tiny_corpus),
+                 "--out", str(out), "--device", "cpu", "--codecs"]) == 0
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert [(r["model"], r["bits_per_map"]) for r in rows] == [("swan-rq1 (RQ1)", "72527")]
 
 
 def test_report_on_a_folder_of_maps(small_checkpoints, tmp_path, data_dir):
@@ -49,7 +98,7 @@ def test_report_on_a_folder_of_maps(small_checkpoints, tmp_path, data_dir):
     shutil.copy(data_dir / "emd_3197.map.gz", maps)
     out = tmp_path / "report"
     assert main(["--checkpoints", str(small_checkpoints["swan"]), "--maps", str(maps),
-                 "--out", str(out), "--device", "cpu"]) == 0
+                 "--out", str(out), "--device", "cpu", "--codecs", "dct"]) == 0
     assert "1 maps from" in (out / "report.md").read_text()
 
 

@@ -9,6 +9,13 @@ resolution at 0.5 and 0.143 in Å, per model), ``fsc.png`` (the mean FSC curve o
 ``codebook_usage.png`` (fraction of codes used per level), and, when both a two-level and an
 RQ1-only Cryo-SWAN are given, the RQ1 versus RQ1+RQ2 ablation.
 
+Each model is followed by textbook codecs given the same bits per map as its latent
+(``--codecs wavelet dct``, the default; ``--codecs`` alone for none): a real bitstream per map,
+decoded and scored like the model's reconstructions, so the report shows what the learned latent
+buys over a classical coder (``napari_cryoswan.codecs``). ``--codec-fractions 1 0.25`` adds rows
+at fractions of that budget. The "bits/map" column holds the latent's bits for a model
+(``codecs.model_bits``) and the mean size of the real streams for a codec.
+
 Per-volume metrics are averaged over the volumes. The FSC resolutions are read off the mean FSC
 curve over the volumes (as a figure of FSC curves shows them), at the thresholds 0.5 and 0.143.
 A curve that stays above a threshold up to Nyquist has no crossing (its resolution is the
@@ -30,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from napari_cryoswan._atomic import atomic_path
+from napari_cryoswan.codecs import CODEC_NAMES
 from napari_cryoswan.metrics import (
     BEYOND_THE_BOX,
     CROSSING,
@@ -78,6 +86,11 @@ class ModelResult:
     codebook_usage: dict
     fsc_resolutions: dict[str, Resolution] = field(default_factory=dict)
     fsc_per_map: dict[str, dict[str, int]] = field(default_factory=dict)
+    # bits per map: a model's latent (``codecs.model_bits``), a codec's streams (their mean);
+    # a codec was given ``bit_budget``, a fraction of the bits of the model row ``budget_of``
+    bits: float | None = None
+    bit_budget: int | None = None
+    budget_of: str | None = None
 
     def to_json(self) -> dict:
         return {**self.__dict__,
@@ -98,22 +111,47 @@ def evaluate_volumes(model, volumes: np.ndarray, voxel_size: float, device=None,
     reconstructions = reconstruct(model, volumes, device=device, batch_size=batch_size)
     scores, curves = {}, {}
     for variant, recon in reconstructions.items():
-        rows = [voxel_metrics(p, t) for p, t in zip(recon, volumes)]
-        fscs = [fsc(p, t, voxel_size) for p, t in zip(recon, volumes)]
-        mean_curve = replace(fscs[0], correlation=np.mean([c.correlation for c in fscs], axis=0))
-        means = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
-        for t in FSC_THRESHOLDS:
-            means[f"fsc_{t:g}"] = fsc_resolution(mean_curve, t)
-            kinds = Counter(fsc_resolution(c, t).kind for c in fscs)
-            means[f"fsc_{t:g}_per_map"] = {kind: kinds[kind] for kind in RESOLUTION_KINDS}
-        scores[variant], curves[variant] = means, (mean_curve.frequency, mean_curve.correlation)
+        scores[variant], curves[variant] = score_reconstructions(recon, volumes, voxel_size)
     return scores, curves
 
 
+def score_reconstructions(recon: np.ndarray, volumes: np.ndarray, voxel_size: float
+                          ) -> tuple[dict, tuple]:
+    """Mean metrics and (frequency, mean FSC curve) of reconstructions against their inputs,
+    as ``evaluate_volumes`` describes them; the one scoring of models and codecs alike."""
+    rows = [voxel_metrics(p, t) for p, t in zip(recon, volumes)]
+    fscs = [fsc(p, t, voxel_size) for p, t in zip(recon, volumes)]
+    mean_curve = replace(fscs[0], correlation=np.mean([c.correlation for c in fscs], axis=0))
+    means = {key: float(np.mean([r[key] for r in rows])) for key in rows[0]}
+    for t in FSC_THRESHOLDS:
+        means[f"fsc_{t:g}"] = fsc_resolution(mean_curve, t)
+        kinds = Counter(fsc_resolution(c, t).kind for c in fscs)
+        means[f"fsc_{t:g}_per_map"] = {kind: kinds[kind] for kind in RESOLUTION_KINDS}
+    return means, (mean_curve.frequency, mean_curve.correlation)
+
+
+def evaluate_codec(codec, volumes: np.ndarray, voxel_size: float, bits: int
+                   ) -> tuple[dict, tuple, float]:
+    """Encode each volume into at most ``bits`` bits, decode it from the bytes, and score it.
+
+    Returns (mean metrics, (frequency, mean FSC curve), mean stream size in bits)."""
+    sizes, recon = [], []
+    for volume in volumes:
+        blob = codec.encode(volume, bits)
+        sizes.append(len(blob) * 8)
+        recon.append(codec.decode(blob, volume.shape))
+    scores, curve = score_reconstructions(np.stack(recon), volumes, voxel_size)
+    return scores, curve, float(np.mean(sizes))
+
+
 def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
-                         progress=print) -> list[ModelResult]:
+                         progress=print, codecs=(), codec_fractions=(1.0,)) -> list[ModelResult]:
     """Score every checkpoint on the volumes that ``volumes_for(contract)`` gives for its input
-    contract (a ``VolumeSource``), with the FSC in the contract's voxel size."""
+    contract (a ``VolumeSource``), with the FSC in the contract's voxel size.
+
+    After each checkpoint's rows come the ``codecs`` (names of ``napari_cryoswan.codecs``),
+    given each fraction in ``codec_fractions`` of the bits of its latent."""
+    from napari_cryoswan.codecs import BudgetTooSmall, get_codec
     from napari_cryoswan.session import Session
 
     session = Session(device)
@@ -121,22 +159,53 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
     for path in paths:
         loaded = session.checkpoint(path)
         volumes = volumes_for(loaded.contract)
-        progress(f"evaluating {path} ({loaded.model.name}) on {len(volumes)} volumes")
-        scores, curves = evaluate_volumes(loaded.model, volumes, loaded.contract.voxel_size,
-                                          session.device, batch_size)
+        voxel_size = loaded.contract.voxel_size
+        name = loaded.model.name
+        progress(f"evaluating {path} ({name}) on {len(volumes)} volumes")
+        bits = _latent_bits(loaded.model, loaded.contract.box)
+        scores, curves = evaluate_volumes(loaded.model, volumes, voxel_size, session.device,
+                                          batch_size)
         usage = loaded.model.codebook_usage()
+        model_rows = []
         for variant, scored in scores.items():
-            name = loaded.model.name
             label = f"{name} ({variant})" if variant != name else name
-            freq, curve = curves[variant]
-            resolutions = {c: scored[c] for c in FSC_COLUMNS}
-            metrics = {key: value for key, value in scored.items() if not key.startswith("fsc_")}
-            metrics.update({c: r.angstrom for c, r in resolutions.items()})
-            results.append(ModelResult(
-                label, variant, name, str(path), loaded.checkpoint_id, metrics, freq.tolist(),
-                curve.tolist(), usage, fsc_resolutions=resolutions,
-                fsc_per_map={c: scored[f"{c}_per_map"] for c in FSC_COLUMNS}))
+            model_rows.append(_result(label, variant, name, path, loaded.checkpoint_id, scored,
+                                      curves[variant], usage, bits=bits, bit_budget=bits))
+        results += model_rows
+        for codec_name in codecs if bits is not None else ():
+            codec = get_codec(codec_name)
+            for fraction in codec_fractions:
+                budget = int(bits * fraction)
+                share = f"{name}'s bits" if fraction == 1 else f"{fraction:g} × {name}'s bits"
+                progress(f"  {codec_name} at {budget:,} bits per map ({share})")
+                try:
+                    scored, curve, used = evaluate_codec(codec, volumes, voxel_size, budget)
+                except BudgetTooSmall as err:
+                    progress(f"  {codec_name} skipped: {err}")
+                    continue
+                results.append(_result(
+                    f"{codec_name} @ {share}", codec_name, codec_name, path, loaded.checkpoint_id,
+                    scored, curve, {}, bits=used, bit_budget=budget, budget_of=model_rows[0].label))
     return results
+
+
+def _result(label, variant, model, path, checkpoint_id, scored, curve, usage, **bits):
+    """A ModelResult from ``score_reconstructions``' mean metrics and mean curve."""
+    resolutions = {c: scored[c] for c in FSC_COLUMNS}
+    metrics = {key: value for key, value in scored.items() if not key.startswith("fsc_")}
+    metrics.update({c: r.angstrom for c, r in resolutions.items()})
+    freq, correlation = curve
+    return ModelResult(label, variant, model, str(path), checkpoint_id, metrics, freq.tolist(),
+                       correlation.tolist(), usage, fsc_resolutions=resolutions,
+                       fsc_per_map={c: scored[f"{c}_per_map"] for c in FSC_COLUMNS}, **bits)
+
+
+def _latent_bits(model, box: int) -> int | None:
+    """The bits of a model's latent per map; None for an object that is not an Autoencoder."""
+    from napari_cryoswan.codecs import model_bits
+    from napari_cryoswan.models.base import Autoencoder
+
+    return model_bits(model, box) if isinstance(model, Autoencoder) else None
 
 
 class VolumeSource:
@@ -190,27 +259,33 @@ def write_report(results: list[ModelResult], out: Path, description: str) -> Non
     with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         # FSC columns hold the Å of a crossing, empty otherwise; the *_kind columns say which.
+        # bits_per_map: the latent's bits (a model) or the streams' mean size (a codec), which
+        # fits bit_budget, a share of the bits of the model row named in budget_of.
         writer.writerow(["model", "checkpoint", "checkpoint_id", *METRIC_COLUMNS,
-                         *(f"{c}_kind" for c in FSC_COLUMNS)])
+                         *(f"{c}_kind" for c in FSC_COLUMNS), "bits_per_map", "bit_budget",
+                         "budget_of"])
         for r in results:
             writer.writerow([r.label, r.checkpoint, r.checkpoint_id,
                              *("" if r.metrics[c] is None else f"{r.metrics[c]:.6g}"
                                for c in METRIC_COLUMNS),
-                             *(r.fsc_resolutions[c].kind for c in FSC_COLUMNS)])
+                             *(r.fsc_resolutions[c].kind for c in FSC_COLUMNS),
+                             "" if r.bits is None else f"{r.bits:.6g}",
+                             "" if r.bit_budget is None else r.bit_budget, r.budget_of or ""])
     _write_atomic(out / "report.md", _markdown(results, description))
     _plot_fsc(results, out / "fsc.png")
     _plot_usage(results, out / "codebook_usage.png")
 
 
 def _markdown(results: list[ModelResult], description: str) -> str:
-    header = "| model | " + " | ".join(_column_title(c) for c in METRIC_COLUMNS) + " |"
-    lines = [f"Data: {description}.", "", header, "|---" * (len(METRIC_COLUMNS) + 1) + "|"]
+    header = "| model | bits/map | " + " | ".join(_column_title(c) for c in METRIC_COLUMNS) + " |"
+    lines = [f"Data: {description}.", "", header, "|---" * (len(METRIC_COLUMNS) + 2) + "|"]
     best = {c: _best(results, c) for c in METRIC_COLUMNS}
     for r in results:
         cells = [(f"**{_cell(r, c)}**" if _rank(r, c) == best[c] else _cell(r, c))
                  for c in METRIC_COLUMNS]
-        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
-    lines += ["", "Bold: the best value in each column.", "", BINARISATION, INTENSITY_SCALE,
+        lines.append(f"| {r.label} | {_bits_cell(r)} | " + " | ".join(cells) + " |")
+    lines += ["", "Bold: the best value in each column.", "", *_bits_notes(results),
+              BINARISATION, INTENSITY_SCALE,
               "FSC resolutions (Å) are read off the mean FSC curve, where it first falls below "
               "0.5 and 0.143 (linear interpolation between shells). \"≤ … Å (Nyquist)\": the "
               "curve stays above the threshold up to the Nyquist limit (2 × the voxel size), so "
@@ -268,6 +343,23 @@ def _usage_table(results: list[ModelResult]) -> list[str]:
     return lines + [""]
 
 
+def _bits_cell(r: ModelResult) -> str:
+    return "—" if r.bits is None else f"{r.bits:,.0f}"
+
+
+def _bits_notes(results: list[ModelResult]) -> list[str]:
+    """What the bits/map column counts, said once under the table."""
+    if all(r.bits is None for r in results):
+        return []
+    notes = ["bits/map: a model's latent per map, every level's code indices at "
+             "ceil(log2(codebook size)) bits each (the VAEs' latents: 32-bit floats); a codec's, "
+             "the mean size of its real bitstreams, header included, each within the budget "
+             "named in its row (codec rows: napari_cryoswan.codecs)."]
+    if any(r.variant == "RQ1+RQ2" for r in results):
+        notes.append("Cryo-SWAN's latent counts RQ1 and RQ2, though its decoder reads RQ1 only.")
+    return [" ".join(notes), ""]
+
+
 def _column_title(column: str) -> str:
     arrow = "↓" if column in LOWER_IS_BETTER else "↑"
     names = {"fsc_0.5": "FSC 0.5 (Å)", "fsc_0.143": "FSC 0.143 (Å)"}
@@ -298,14 +390,19 @@ def _best(results: list[ModelResult], column: str) -> float:
 
 def _plot_fsc(results: list[ModelResult], path: Path) -> None:
     """The mean FSC curve of each model, drawn as the FSC widget draws its curves."""
+    import matplotlib
+    from cycler import cycler
     from matplotlib.figure import Figure
 
     from napari_cryoswan.figures import draw_fsc
 
     fig = Figure(figsize=(6.5, 3.2 + 0.45 * len(results)), layout="constrained")
     curves = {r.label: {"frequency": r.fsc_frequency, "correlation": r.fsc_mean} for r in results}
-    draw_fsc(fig.add_subplot(), curves, title="Mean FSC over the volumes, reconstruction vs input",
-             label_width=80)
+    # Past ten curves (models with codec rows) the default colours repeat: take twenty.
+    colours = {"axes.prop_cycle": cycler(color=matplotlib.colormaps["tab20"].colors)}
+    with matplotlib.rc_context(colours if len(curves) > 10 else {}):
+        draw_fsc(fig.add_subplot(), curves,
+                 title="Mean FSC over the volumes, reconstruction vs input", label_width=80)
     _save_figure(fig, path)
 
 
@@ -353,14 +450,22 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--codecs", nargs="*", default=list(CODEC_NAMES), choices=CODEC_NAMES,
+                   help="textbook codecs scored at each model's bits per map (default: all; "
+                        "give the option alone for none)")
+    p.add_argument("--codec-fractions", nargs="+", type=float, default=[1.0], metavar="F",
+                   help="give the codecs these fractions of each model's bits (default: 1)")
     args = p.parse_args(argv)
+    if any(f <= 0 for f in args.codec_fractions):
+        p.error("--codec-fractions must be positive")
 
     from napari_cryoswan.checkpoint import CheckpointError, resolve_checkpoint
 
     volumes = VolumeSource(args.corpus, args.split, args.maps, args.limit)
     try:
         checkpoints = [resolve_checkpoint(spec) for spec in args.checkpoints]
-        results = evaluate_checkpoints(checkpoints, volumes, args.device, args.batch_size)
+        results = evaluate_checkpoints(checkpoints, volumes, args.device, args.batch_size,
+                                       codecs=args.codecs, codec_fractions=args.codec_fractions)
     except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
