@@ -18,8 +18,7 @@ def write_mrc(path: str, data, meta: dict) -> list[str]:
     if data.ndim != 3:
         raise ValueError(f"Only 3-D image layers can be saved as MRC maps (this one is {data.ndim}-D).")
     # A map without a voxel size (pixel units at scale 1) keeps it unknown in the file.
-    scale = voxel_size_of(meta.get("scale", (1.0, 1.0, 1.0)), meta.get("units", ("pixel",) * 3),
-                          meta.get("metadata", {}))
+    scale = voxel_size_of(meta.get("scale", (1.0, 1.0, 1.0)), meta.get("units", ("pixel",) * 3))
     translate = meta.get("translate", (0.0, 0.0, 0.0))
     name = meta.get("name", "layer")
     written = write_map(

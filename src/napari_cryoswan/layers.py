@@ -58,7 +58,7 @@ def default_contour(data: np.ndarray, recommended: float | None = None) -> float
     return float(sample.mean() + 2.0 * sample.std())
 
 
-def voxel_size_of(scale, units, metadata: dict) -> tuple[float, float, float] | None:
+def voxel_size_of(scale, units) -> tuple[float, float, float] | None:
     """A layer's voxel size in Å, or None when it has none.
 
     The one rule: a layer whose units are lengths has a voxel size (converted to Å); a layer in
@@ -87,7 +87,7 @@ def density_from_layer(layer) -> DensityMap:
         data = data.astype(np.float32)
     return DensityMap(
         data=data,
-        voxel_size=voxel_size_of(layer.scale, layer.units, layer.metadata),
+        voxel_size=voxel_size_of(layer.scale, layer.units),
         origin=tuple(float(t) for t in layer.translate),
         header=dict(layer.metadata),
     )
