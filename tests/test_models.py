@@ -10,7 +10,9 @@ from napari_cryoswan.models import (MODEL_NAMES, PAPER_CODEBOOK_SIZE, build_from
                                     default_optimizer, model_config)
 from napari_cryoswan.models.baselines import axis_angle_to_matrix
 from napari_cryoswan.models.blocks import VoxelPositionalEncoding
-from napari_cryoswan.models.quantize import ResidualQuantizer, StochasticQuantizer
+from napari_cryoswan.models.quantize import Phi, ResidualQuantizer, StochasticQuantizer, kmeans
+from napari_cryoswan.models.registry import step_codebooks
+from napari_cryoswan.models.registry import VAR_SCALES
 from napari_cryoswan.models.swan import RQ1_SCALES, RQ2_SCALES, CryoSwan
 
 STRUCTURES = Path(__file__).parent / "data" / "structures"
@@ -207,6 +209,14 @@ def test_codebook_usage_is_reported_per_level_after_a_validation_pass():
     assert rq1["assignments"] == 2 * sum(s**3 for s in RQ1_SCALES)
     assert 0 < rq1["fraction_used"] <= 1 and rq1["used"] + rq1["dead"] == rq1["size"]
     assert 1 <= rq1["perplexity"] <= rq1["used"]
+    # and per scale, as VAR reports it: scale s can use at most 2·s³ codes of the shared book
+    per_scale = rq1["per_scale"]
+    assert [p["scale"] for p in per_scale] == list(RQ1_SCALES)
+    assert [p["assignments"] for p in per_scale] == [2 * s**3 for s in RQ1_SCALES]
+    for p in per_scale:
+        assert 1 <= p["used"] <= min(rq1["size"], 2 * p["scale"] ** 3)
+        assert p["fraction_used"] == p["used"] / rq1["size"]
+    assert max(p["used"] for p in per_scale) <= rq1["used"]
     model.reset_usage()
     assert model.codebook_usage()["rq1"]["assignments"] == 0
 
@@ -319,3 +329,190 @@ def test_a_short_fit_of_the_small_swan_lowers_the_reconstruction_loss(densities)
         optimizer.step()
     after = eval_recon()
     assert after < 0.8 * before, (before, after)
+
+
+# ─── codebooks that live ─────────────────────────────────────────────────────────────────────
+
+
+def far_from_origin(batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """Latents whose vectors all lie near (5, 5, 5): a code near the origin is never chosen."""
+    return 5 + 0.3 * torch.randn(batch, 3, 4, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def optimise(quantizer, optimizer, steps: int, seed: int = 0) -> None:
+    for step in range(steps):
+        out = quantizer(far_from_origin(seed=seed + step))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        step_codebooks(quantizer, optimizer)
+
+
+def test_weight_decay_spares_codebooks_phi_norms_and_biases():
+    model = small("swan")
+    groups = default_optimizer(model).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in decayed} == {
+        n for n, p in model.named_parameters()
+        if n.endswith(".weight") and p.dim() == 5 and ".phis." not in n}  # conv weights only
+    assert not any("codebook" in names[i] or "norm" in names[i] for i in decayed)
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    assert {g["weight_decay"] for g in groups} == {1e-5, 0.0}
+
+
+@pytest.mark.parametrize("decay_all", [False, True], ids=["grouped", "decay-all"])
+def test_an_unused_code_keeps_its_norm_over_50_optimizer_steps(decay_all):
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(8, 3, (4,), 0.25, refine=False, dead_after=1000).train()
+    quantizer(far_from_origin())  # seeds the codes near (5, 5, 5)
+    with torch.no_grad():
+        quantizer.codebook.weight[0] = torch.tensor([0.02, 0.0, 0.0])  # never the nearest
+    optimise(quantizer, default_optimizer(quantizer, decay_all=decay_all), 50)
+    norm = quantizer.codebook.weight[0].norm().item()
+    if decay_all:  # Adam's coupled decay is the row's only gradient: it walks to zero at lr a step
+        assert norm < 0.002
+    else:
+        assert norm == pytest.approx(0.02, rel=1e-6)
+
+
+def test_adam_forgets_the_moments_of_renewed_rows():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(8, 3, (4,), 0.25, refine=False, dead_ema=0.9).train()
+    optimizer = default_optimizer(quantizer)
+    optimise(quantizer, optimizer, 4)  # every code chosen: every row has moments
+    book = quantizer.codebook
+    state = optimizer.state[book.weight]
+    assert (state["exp_avg_sq"][:2] > 0).all()
+    with torch.no_grad():
+        book.weight[:2] = 100.0  # never chosen again
+    book.usage_ema_V[:2] = 0.0  # and expired at the next step
+    optimise(quantizer, optimizer, 1, seed=10)
+    assert int(book.restarts) == 2 and (book.weight[:2] < 50).all()
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert (state[key][:2] == 0).all(), key
+        assert (state[key][2:] != 0).any(), key
+
+
+def gaussian_mixture(centres_KC: torch.Tensor, per_cluster: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    points = centres_KC.repeat_interleave(per_cluster, 0)
+    return points + 0.1 * torch.randn(points.shape, generator=g)
+
+
+MIXTURE_CENTRES = torch.tensor([[4.0, 0, 0], [-4, 0, 0], [0, 4, 0], [0, -4, 0], [0, 0, 4], [0, 0, -4]])
+
+
+def covers(codes_VC: torch.Tensor, centres_KC: torch.Tensor, radius: float = 0.3) -> bool:
+    return bool((torch.cdist(centres_KC, codes_VC).min(1).values < radius).all())
+
+
+def test_kmeans_finds_distinct_centres_that_cover_every_cluster():
+    torch.manual_seed(0)
+    points = gaussian_mixture(MIXTURE_CENTRES, 200)
+    centres = kmeans(points, 12)
+    assert centres.shape == (12, 3) and centres.unique(dim=0).shape[0] == 12
+    assert covers(centres, MIXTURE_CENTRES)
+    # fewer distinct points than centres: jittered, still distinct
+    few = kmeans(MIXTURE_CENTRES.repeat(3, 1), 8)
+    assert few.unique(dim=0).shape[0] == 8 and covers(few, MIXTURE_CENTRES, radius=1e-6)
+
+
+def test_kmeans_after_a_warm_up_reseeds_the_codebook_from_recent_residuals():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(12, 3, (4,), 0.25, refine=False, kmeans_after=3).train()
+    book = quantizer.codebook
+
+    def latents(centres, seed):  # 2 volumes of 4³ vectors drawn from the mixture
+        points = gaussian_mixture(centres, 128, seed)
+        points = points[torch.randperm(len(points), generator=torch.Generator().manual_seed(seed))[:128]]
+        return points.view(2, 4, 4, 4, 3).permute(0, 4, 1, 2, 3)
+
+    quantizer(latents(MIXTURE_CENTRES[:2], 0))  # the first batch seeds codes from two clusters only
+    assert step_codebooks(quantizer) == 0 and not covers(book.weight.detach(), MIXTURE_CENTRES)
+    quantizer(latents(MIXTURE_CENTRES, 1))
+    step_codebooks(quantizer)
+    quantizer(latents(MIXTURE_CENTRES, 2))
+    assert step_codebooks(quantizer) == 12  # the third step ends the warm-up: every row renewed
+    codes = book.weight.detach()
+    assert codes.unique(dim=0).shape[0] == 12 and covers(codes, MIXTURE_CENTRES)
+
+
+def test_dead_codes_expire_on_a_usage_ema_and_renew_from_the_residual_fifo():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(8, 3, (4,), 0.25, refine=False, dead_ema=0.9, dead_below=0.01).train()
+    book = quantizer.codebook
+    quantizer(far_from_origin(seed=0))
+    with torch.no_grad():
+        book.weight[0] = 100.0  # never chosen from now on
+    book.step_counts_V[0] = 0  # nor counted for the seeding batch
+    step_codebooks(quantizer)
+    seen = [far_from_origin(seed=0)]
+    # A new code starts at twice the threshold: unused, 0.9^t halves it after 7 steps (0.9^6 > ½).
+    for step in range(1, 7):
+        assert book.weight[0, 0].item() == 100.0, step
+        seen.append(far_from_origin(seed=step))
+        quantizer(seen[-1])
+        step_codebooks(quantizer)
+    assert int(book.restarts) == 1 and book.weight[0, 0].item() != 100.0
+    rows = torch.cat([f.permute(0, 2, 3, 4, 1).reshape(-1, 3) for f in seen])
+    assert are_rows_of(book.weight[:1], book.fifo()).all()  # a draw from the FIFO …
+    assert book.fifo().shape[0] == rows.shape[0] and are_rows_of(book.fifo(), rows).all()  # … of all 7 steps
+    assert book.usage_ema_V[0].item() == pytest.approx(2 * 0.01)
+
+
+def test_legacy_codebooks_are_not_maintained_by_the_step():
+    quantizer = ResidualQuantizer(8, 3, (4,), 0.25, refine=False).train()
+    quantizer(torch.randn(2, 3, 4, 4, 4))
+    assert not quantizer.codebook.live and step_codebooks(quantizer) == 0
+    assert not hasattr(quantizer.codebook, "fifo_NC")
+
+
+def test_var_phi_keeps_a_fixed_identity_half_and_shares_four_convs_by_position():
+    quantizer = ResidualQuantizer(16, 4, tuple(range(1, 9)), 0.25, phi_mix=0.5, phi_shared=4)
+    assert len(quantizer.phis) == 4 and quantizer.phi_index == (0, 0, 1, 1, 2, 2, 3, 3)
+    h = torch.randn(2, 4, 8, 8, 8)
+    for si in range(8):
+        torch.testing.assert_close(quantizer.phi(si)(h), h)  # the identity at initialisation
+    phi = quantizer.phi(0)
+    with torch.no_grad():
+        phi.weight.add_(torch.randn_like(phi.weight))
+        phi.bias.add_(1.0)
+    free = Phi(4)
+    free.load_state_dict(phi.state_dict())
+    # however far the conv moves, φ stays half the identity: φ(h) − h = ½ (conv(h) − h)
+    torch.testing.assert_close(phi(h) - h, 0.5 * (free(h) - h))
+    legacy = ResidualQuantizer(16, 4, tuple(range(1, 9)), 0.25)
+    assert len(legacy.phis) == 8 and legacy.phi_index == tuple(range(8)) and legacy.phi(3).mix is None
+    var = ResidualQuantizer(16, 4, VAR_SCALES, 0.25, phi_shared=4)
+    assert [var.phi_index.count(k) for k in range(4)] == [3, 3, 3, 3]
+
+
+def test_residual_norm_falls_scale_to_scale_at_initialisation_with_var_phi():
+    torch.manual_seed(0)
+    quantizer = ResidualQuantizer(256, 4, (1, 2, 4, 8), 0.25, phi_mix=0.5, phi_shared=4)
+    f = torch.nn.functional.avg_pool3d(torch.randn(4, 4, 10, 10, 10), 3, 1)  # smooth-ish 8³ latents
+    quantizer.train()(f)  # seeds the codebook
+    with torch.no_grad():
+        norms = torch.stack(quantizer.eval()(f).residual_norms)
+    assert torch.all(norms[1:] < norms[:-1]) and norms[0] < f.norm(dim=1).mean(), norms
+
+
+@pytest.mark.parametrize("name", ["swan", "swan-rq1", "vq", "rq", "var", "hq"])
+def test_presets_switch_on_codebooks_that_live(name):
+    presets = ["small", "full"] + (["cpu"] if name.startswith("swan") else [])
+    for preset in presets:
+        config = model_config(name, preset)
+        assert config["dead_ema"] == 0.99 and config["kmeans_after"] == 100, preset
+        if name in ("swan", "swan-rq1", "var"):
+            assert config["phi_mix"] == 0.5 and config["phi_shared"] == 4, preset
+
+
+def test_a_config_saved_before_these_fields_rebuilds_the_legacy_quantizer():
+    config = model_config("swan", "small")
+    for key in ("dead_ema", "dead_below", "kmeans_after", "phi_mix", "phi_shared"):
+        del config[key]  # as in the bundled checkpoints
+    model = build_from_config({"name": "swan", **config})
+    for quantizer in model.quantizers:
+        assert not quantizer.codebook.live
+        assert len(quantizer.phis) == len(quantizer.scales) and all(phi.mix is None for phi in quantizer.phis)

@@ -12,6 +12,7 @@ import torch
 
 import training.train as train_module
 from napari_cryoswan.checkpoint import load_checkpoint
+from napari_cryoswan.models import registry
 from training.train import RunFolderError, TrainSettings, _lock_run_folder, parse_args, train
 
 def settings(corpus, out, **changes) -> TrainSettings:
@@ -50,7 +51,14 @@ def test_short_run_writes_checkpoints_and_logs(tiny_corpus, tmp_path):
 
 
 def test_resume_after_a_kill_reaches_the_uninterrupted_state(tiny_corpus, tmp_path, monkeypatch):
+    # k-means at step 4 and fast expiry, so that the restored FIFO, usage EMA and optimizer
+    # state all decide what the resumed steps do
+    small_swan = registry._REGISTRY["swan"][2]["small"]
+    for key, value in {"kmeans_after": 4, "dead_ema": 0.5, "dead_below": 1.0}.items():
+        monkeypatch.setitem(small_swan, key, value)
     straight = train(settings(tiny_corpus, tmp_path / "straight"), progress=False)
+    usage = [json.loads(line) for line in open(tmp_path / "straight" / "validation.jsonl")][-1]["codebook_usage"]
+    assert any(level["restarts"] > 0 for level in usage.values())
 
     original = train_module._log_row
 
@@ -102,7 +110,15 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tiny_corpus, tmp_path
 
 def test_command_line_defaults_are_the_papers():
     parsed = parse_args(["--model", "vq", "--corpus", "c", "--out", "o"])
-    assert parsed.lr == 1e-3 and parsed.weight_decay == 1e-5
+    assert parsed.lr == 1e-3 and parsed.weight_decay == 1e-5 and not parsed.decay_all
+
+
+def test_a_run_begun_with_decay_on_every_parameter_resumes_only_with_it(tiny_corpus, tmp_path):
+    train(settings(tiny_corpus, tmp_path / "run", steps=3, decay_all=True), progress=False)
+    with pytest.raises(RunFolderError, match="--decay-all"):
+        train(settings(tiny_corpus, tmp_path / "run", steps=4, resume=True), progress=False)
+    assert train(settings(tiny_corpus, tmp_path / "run", steps=4, resume=True, decay_all=True),
+                 progress=False).is_file()
 
 
 @pytest.mark.parametrize("model", ["vq", "hq", "drgn-vae"])
@@ -129,3 +145,38 @@ def test_two_process_torchrun_with_gloo(tiny_corpus, tmp_path):
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     assert load_checkpoint(out / "model.pt").provenance["step"] == 3
+
+
+COUNTS_ON_TWO_RANKS = """
+import json, sys
+import torch
+import torch.distributed as dist
+from napari_cryoswan.models.quantize import Codebook
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+book = Codebook(4, 2, dead_ema=0.5, dead_below=0.01)
+book.initialised.fill_(True)
+book.usage_ema_V.fill_(1.0)
+# rank 0: one volume choosing code 0 twice; rank 1: two volumes choosing code 1 five times, code 2 once
+codes = torch.tensor([[0, 0]]) if rank == 0 else torch.tensor([[1, 1, 1], [1, 1, 2]])
+book.record_([codes], training=True)
+book.step_()
+json.dump(book.usage_ema_V.tolist(), open(f"{sys.argv[1]}/rank{rank}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_usage_counts_are_summed_over_ranks_before_codes_expire(tmp_path):
+    script = tmp_path / "counts.py"
+    script.write_text(COUNTS_ON_TWO_RANKS)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+         str(script), str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # both ranks: EMA ½·1 + ½·(counts summed over ranks) / (volumes summed over ranks: 3)
+    expected = [0.5 + 0.5 * c / 3 for c in (2, 5, 1, 0)]
+    for rank in (0, 1):
+        ema = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert ema == pytest.approx(expected), rank

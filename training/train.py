@@ -1,8 +1,10 @@
 """Fit a model on a corpus: ``python -m training.train --model swan --corpus DIR --out RUN``.
 
-The paper's optimiser (Adam, lr 1e-3, weight decay 1e-5) at a constant learning rate, with the
-gradient norm clipped at 1 (the paper does not say; without it Cryo-SWAN's level-1 commitment
-loss diverged once dead codes began to restart). Batches
+The paper's optimiser (Adam, lr 1e-3, weight decay 1e-5 on conv and linear weights; codebooks,
+φ, norms and biases are not decayed) at a constant learning rate, with the gradient norm clipped
+at 1 (the paper does not say; without it Cryo-SWAN's level-1 commitment loss diverged once dead
+codes began to restart). After every optimiser step the codebooks count the step and renew dead
+codes, and Adam forgets the moments of the renewed rows (``registry.step_codebooks``). Batches
 are drawn from the training split by a generator seeded with (seed, step), so the data a step
 sees does not depend on whether the run was interrupted. ``--resume`` restores the weights, the
 optimiser, every model buffer (codebook ages included) and the torch RNG from ``last.pt``, written
@@ -60,6 +62,7 @@ class TrainSettings:
     device: str = "auto"
     amp: bool = True
     resume: bool = False
+    decay_all: bool = False
 
 
 def parse_args(argv=None) -> TrainSettings:
@@ -81,6 +84,9 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate (paper and default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"],
                    help="Adam weight decay (paper and default: %(default)s)")
+    p.add_argument("--decay-all", action="store_true",
+                   help="weight decay on every parameter, codebooks and φ included (runs made before "
+                        "the decay was limited to conv and linear weights; resume those with it)")
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"],
                    help="clip the gradient norm (default %(default)s; 0 turns it off; see docs/TRAINING.md)")
     p.add_argument("--seed", type=int, default=d["seed"])
@@ -107,7 +113,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
 
     from napari_cryoswan.checkpoint import InputContract, load_checkpoint, save_checkpoint
     from napari_cryoswan.engine import autocast, choose_device
-    from napari_cryoswan.models.registry import build_model
+    from napari_cryoswan.models.registry import build_model, default_optimizer, step_codebooks
 
     rank, world = _distributed_setup()
     out = Path(settings.out)
@@ -126,8 +132,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
 
     torch.manual_seed(settings.seed)
     model = build_model(settings.model, preset=settings.preset).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr,
-                                 weight_decay=settings.weight_decay)
+    optimizer = default_optimizer(model, settings.lr, settings.weight_decay, decay_all=settings.decay_all)
     start_step, best_val = 0, math.inf
     if settings.resume:
         last = load_checkpoint(out / "last.pt")
@@ -161,6 +166,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
+            step_codebooks(model, optimizer)  # counts summed over ranks before any code is renewed
             _sync_codebooks(model, world)
             rate = len(ids) * world / (time.perf_counter() - tic)
             if rank != 0:
@@ -251,6 +257,9 @@ def _restore(model, optimizer, state: dict, device) -> tuple[int, float]:
 
     if not state:
         raise RunFolderError("last.pt holds no training state, so the run cannot be resumed.")
+    if len(state["optimizer"]["param_groups"]) != len(optimizer.param_groups):
+        raise RunFolderError("last.pt was written with weight decay on every parameter (or without "
+                             "it); resume with the same --decay-all setting as the run began with.")
     optimizer.load_state_dict(state["optimizer"])
     buffers = dict(model.named_buffers())
     with torch.no_grad():
@@ -377,8 +386,16 @@ def _wrap_distributed(model, device, world: int):
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
+    # Each rank keeps its own residual FIFO and step counts (step_codebooks sums the counts):
+    # DDP must not overwrite them with rank 0's at every forward.
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, _process_local_buffers(model))
     # Codebook seeding and restarts change codes outside autograd: _sync_codebooks handles it.
     return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def _process_local_buffers(model) -> list[str]:
+    return [f"{prefix}.{name}" for prefix, module in model.named_modules()
+            for name in getattr(module, "process_local_buffers", ()) if hasattr(module, name)]
 
 
 def _sync_codebooks(model, world: int) -> None:
@@ -388,7 +405,9 @@ def _sync_codebooks(model, world: int) -> None:
     import torch.distributed as dist
 
     for book in model.codebooks().values():
-        for tensor in [*book.parameters(), *book.buffers()]:
+        local = set(getattr(book, "process_local_buffers", ()))
+        buffers = [tensor for name, tensor in book.named_buffers() if name not in local]
+        for tensor in [*book.parameters(), *buffers]:
             dist.broadcast(tensor.data, src=0)
 
 

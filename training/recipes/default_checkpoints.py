@@ -9,8 +9,9 @@
    as ``swan.pt`` and ``swan-rq1.pt`` (asking nothing: pass it only when you mean to replace
    the shipped weights; without it the files stay in the work folder).
 
-The settings are the ones docs/CHECKPOINTS.md reports. A killed run resumes when the same
-command is run again.
+The settings are the ones docs/CHECKPOINTS.md reports, with today's presets: the shipped files
+were trained by this recipe at commit 9108e0d, before the presets' codebooks changed
+(docs/CHECKPOINTS.md). A killed run resumes when the same command is run again.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs"), help="corpus, runs and report")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--preset", default="cpu", choices=("cpu", "full"),
-                        help="'cpu' (the shipped weights) or 'full' (the paper's codebook of 4096; a GPU's work)")
+                        help="'cpu' (what a 2-core CPU trains in about an hour) or 'full' (the paper's widths; a GPU's work)")
     parser.add_argument("--install", action="store_true",
                         help="replace the checkpoints shipped in src/napari_cryoswan/checkpoints")
     args = parser.parse_args(argv)

@@ -32,6 +32,7 @@ class SingleLevelConfig:
 
     - scales: the quantizer's steps: (16,) is VQ, (16,)·D is RQ, (1, 2, …, 16) is VAR.
     - refine: a Conv3d φ per step (Algorithm 2 line 9; VAR), or plain code sums (VQ, RQ).
+    - dead_ema … phi_shared: as in SwanConfig (old behaviour by default, on in the presets).
     """
 
     volume_size: int = 64
@@ -44,6 +45,11 @@ class SingleLevelConfig:
     refine: bool = False
     beta: float = 0.25
     dead_after: int = 50
+    dead_ema: float | None = None
+    dead_below: float = 0.01
+    kmeans_after: int | None = None
+    phi_mix: float | None = None
+    phi_shared: int = 0
 
     def __post_init__(self):
         self.widths, self.scales = tuple(self.widths), tuple(self.scales)
@@ -64,8 +70,10 @@ class SingleLevelVQ(Autoencoder):
         self.positional_encoding = VoxelPositionalEncoding(config.pe_freqs)
         self.encoder = Encoder3d(self.positional_encoding.out_channels, config.widths, config.blocks)
         self.quant_conv = nn.Conv3d(config.widths[-1], config.code_dim, 1)
-        self.quantizer = ResidualQuantizer(config.codebook_size, config.code_dim, config.scales, config.beta,
-                                           refine=config.refine, dead_after=config.dead_after)
+        self.quantizer = ResidualQuantizer(
+            config.codebook_size, config.code_dim, config.scales, config.beta, refine=config.refine,
+            dead_after=config.dead_after, phi_mix=config.phi_mix, phi_shared=config.phi_shared,
+            dead_ema=config.dead_ema, dead_below=config.dead_below, kmeans_after=config.kmeans_after)
         self.post_quant_conv = nn.Conv3d(config.code_dim, config.widths[-1], 3, padding=1)
         self.decoder = Decoder3d(config.widths[::-1], 1, config.blocks)
 
@@ -110,7 +118,8 @@ class MultiScaleVQVAE(SingleLevelVQ):
 
 @dataclass
 class HQConfig:
-    """Two stochastic levels: top at 8³, bottom at 16³. widths: 32³, 16³ and 8³ stages."""
+    """Two stochastic levels: top at 8³, bottom at 16³. widths: 32³, 16³ and 8³ stages.
+    dead_ema, dead_below, kmeans_after: as in SwanConfig (old behaviour by default)."""
 
     volume_size: int = 64
     pe_freqs: int = 0
@@ -121,6 +130,9 @@ class HQConfig:
     temperature: float = 0.5
     init_variance: float = 1.0
     dead_after: int = 50
+    dead_ema: float | None = None
+    dead_below: float = 0.01
+    kmeans_after: int | None = None
 
     def __post_init__(self):
         self.widths = tuple(self.widths)
@@ -162,7 +174,8 @@ class HQVAE(Autoencoder):
     @staticmethod
     def _stochastic_quantizer(config: HQConfig) -> StochasticQuantizer:
         return StochasticQuantizer(config.codebook_size, config.code_dim, config.temperature,
-                                   config.init_variance, config.dead_after)
+                                   config.init_variance, config.dead_after, dead_ema=config.dead_ema,
+                                   dead_below=config.dead_below, kmeans_after=config.kmeans_after)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         levels, top, bottom = self._quantize(x)

@@ -7,6 +7,10 @@ in about an hour. Keyword overrides replace single fields of a preset.
 
     model = build_model("swan", preset="small", codebook_size=256)
     clone = build_from_config(model.config_dict())
+
+Training loops build Adam with ``default_optimizer`` and call ``step_codebooks(model, optimizer)``
+after every ``optimizer.step()``: that is when live codebooks count the step, renew dead codes
+and forget the optimizer state of the rows they renewed.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from .base import Autoencoder
 from .baselines import (VQVAE, DrgnConfig, DrgnVAE, HQConfig, HQVAE, MultiScaleVQVAE, RQVAE,
                         SingleLevelConfig, TargetConfig, TargetVAE)
+from .quantize import Codebook, ResidualQuantizer, StochasticQuantizer
 from .swan import RQ1_SCALES, CryoSwan, SwanConfig
 
 # The paper's training defaults (Methods, "Model training hyperparameters").
@@ -29,35 +35,45 @@ PAPER_CODEBOOK_SIZE = 4096
 VAR_SCALES = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16)
 RQ_DEPTH = 3
 
+# Codebooks that live (docs/MODELS.md): usage EMA over optimizer steps, dead codes renewed from
+# a FIFO of recent residuals, k-means of that FIFO after a 100-step warm-up. Every quantized model
+# gets the same mechanisms, so that the comparison of latent spaces stays fair.
+_LIVE = {"dead_ema": 0.99, "dead_below": 0.01, "kmeans_after": 100}
+# VAR's φ: half identity, half conv, four convs shared across the scales by position.
+_VAR_PHI = {"phi_mix": 0.5, "phi_shared": 4}
+_SWAN = {**_LIVE, **_VAR_PHI}
+
 _SMALL_VQ = {"widths": (8, 16), "blocks": 1, "code_dim": 8, "codebook_size": 128}
-# What a 2-core CPU trains in about an hour (the bundled checkpoints): a quarter of the full
-# widths, one block per stage, and 1024 codes per level for a corpus of under a thousand maps.
-_CPU_SWAN = {"widths": (16, 64, 128), "blocks": 1, "code_dim": 16, "codebook_size": 1024}
+# What a 2-core CPU trains in about an hour: a quarter of the full widths, one block per stage,
+# and the paper's 4096 codes per level (a training step at batch 4 costs about 1.2× the step with
+# 1024 codes, docs/MODELS.md). The bundled checkpoints were trained with 1024 codes and the
+# legacy codebooks; their stored configs say so.
+_CPU_SWAN = {"widths": (16, 64, 128), "blocks": 1, "code_dim": 16, "codebook_size": PAPER_CODEBOOK_SIZE}
 
 # name → (model class, config class, preset name → config fields)
 _REGISTRY: dict[str, tuple[type[Autoencoder], type, dict[str, dict]]] = {
     "swan": (CryoSwan, SwanConfig, {
-        "full": {},
-        "small": {"widths": (8, 16, 32), "blocks": 1, "code_dim": 8, "codebook_size": 128},
-        "cpu": _CPU_SWAN,
+        "full": _SWAN,
+        "small": {"widths": (8, 16, 32), "blocks": 1, "code_dim": 8, "codebook_size": 128, **_SWAN},
+        "cpu": {**_CPU_SWAN, **_SWAN},
     }),
     "swan-rq1": (CryoSwan, SwanConfig, {
-        "full": {"scales": (RQ1_SCALES,), "widths": (32, 128)},
-        "small": {"scales": (RQ1_SCALES,), **_SMALL_VQ},
-        "cpu": {**_CPU_SWAN, "scales": (RQ1_SCALES,), "widths": _CPU_SWAN["widths"][:2]},
+        "full": {"scales": (RQ1_SCALES,), "widths": (32, 128), **_SWAN},
+        "small": {"scales": (RQ1_SCALES,), **_SMALL_VQ, **_SWAN},
+        "cpu": {**_CPU_SWAN, "scales": (RQ1_SCALES,), "widths": _CPU_SWAN["widths"][:2], **_SWAN},
     }),
-    "vq": (VQVAE, SingleLevelConfig, {"full": {}, "small": _SMALL_VQ}),
+    "vq": (VQVAE, SingleLevelConfig, {"full": _LIVE, "small": {**_SMALL_VQ, **_LIVE}}),
     "rq": (RQVAE, SingleLevelConfig, {
-        "full": {"scales": (16,) * RQ_DEPTH},
-        "small": {"scales": (16,) * RQ_DEPTH, **_SMALL_VQ},
+        "full": {"scales": (16,) * RQ_DEPTH, **_LIVE},
+        "small": {"scales": (16,) * RQ_DEPTH, **_SMALL_VQ, **_LIVE},
     }),
     "var": (MultiScaleVQVAE, SingleLevelConfig, {
-        "full": {"scales": VAR_SCALES, "refine": True},
-        "small": {"scales": VAR_SCALES, "refine": True, **_SMALL_VQ},
+        "full": {"scales": VAR_SCALES, "refine": True, **_SWAN},
+        "small": {"scales": VAR_SCALES, "refine": True, **_SMALL_VQ, **_SWAN},
     }),
     "hq": (HQVAE, HQConfig, {
-        "full": {},
-        "small": {"widths": (8, 16, 32), "blocks": 1, "code_dim": 8, "codebook_size": 128},
+        "full": _LIVE,
+        "small": {"widths": (8, 16, 32), "blocks": 1, "code_dim": 8, "codebook_size": 128, **_LIVE},
     }),
     "drgn-vae": (DrgnVAE, DrgnConfig, {
         "full": {},
@@ -102,10 +118,59 @@ def build_from_config(config: dict) -> Autoencoder:
     return model
 
 
-def default_optimizer(model: torch.nn.Module, lr: float = PAPER_LR,
-                      weight_decay: float = PAPER_WEIGHT_DECAY) -> torch.optim.Adam:
-    """Adam with the paper's learning rate and weight decay."""
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+def default_optimizer(model: nn.Module, lr: float = PAPER_LR, weight_decay: float = PAPER_WEIGHT_DECAY,
+                      decay_all: bool = False) -> torch.optim.Adam:
+    """Adam with the paper's learning rate and weight decay, the decay on conv and linear weights
+    only (``parameter_groups``). Adam's decay is coupled: an unused codebook row, whose only
+    gradient is the decay, moves lr per step toward zero and vanishes before it can be chosen.
+    ``decay_all`` restores the decay on every parameter (runs made before this change)."""
+    params = model.parameters() if decay_all else parameter_groups(model, weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+_DECAYED_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                    nn.ConvTranspose3d, nn.Linear)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two Adam groups: ``weight_decay`` on the weights of convs and linear layers, none on the
+    rest: codebooks, the φ convs inside quantizers, norms, biases and other scalars."""
+    quantizers = (m for m in model.modules() if isinstance(m, (ResidualQuantizer, StochasticQuantizer)))
+    quantizer_params = {id(p) for q in quantizers for p in q.parameters()}
+    decayed, free = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            decays = isinstance(module, _DECAYED_MODULES) and name == "weight" and id(param) not in quantizer_params
+            (decayed if decays else free).append(param)
+    groups = [{"params": decayed, "weight_decay": weight_decay}, {"params": free, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def step_codebooks(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Call after every ``optimizer.step()``, on the model (not its DDP wrapper) or a lone
+    quantizer: each live codebook counts the step (counts summed over processes), runs its
+    k-means or renews its dead codes, and the optimizer forgets the state of every renewed row,
+    legacy restarts included. Returns the number of rows renewed."""
+    renewed = 0
+    for book in (m for m in model.modules() if isinstance(m, Codebook)):
+        book.step_()
+        rows = book.pop_renewed_rows()
+        if optimizer is not None and rows.numel():
+            forget_rows_(optimizer, book.weight, rows)
+        renewed += rows.numel()
+    return renewed
+
+
+@torch.no_grad()
+def forget_rows_(optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
+    """Zero Adam's moments (exp_avg, exp_avg_sq, and max_exp_avg_sq with amsgrad) of some rows of
+    ``param``, as if those rows had just been created."""
+    state = optimizer.state.get(param, {})
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        if key in state:
+            state[key][rows] = 0
 
 
 def _lookup(name: str):

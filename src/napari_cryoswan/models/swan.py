@@ -35,6 +35,10 @@ class SwanConfig:
     - scales: perception scales per level, finest level first; K = len(scales).
     - widths: channels at 32³ (level 1's first stage), then one width per level (16³, 8³, …).
     - blocks: residual blocks per encoder/decoder stage.
+    - dead_ema, dead_below, kmeans_after: how codebooks stay alive (quantize.Codebook);
+      phi_mix, phi_shared: VAR's constrained φ (quantize.ResidualQuantizer). Their defaults are
+      the behaviour of configs saved before they existed, so old checkpoints rebuild as trained;
+      the presets switch them on.
     """
 
     volume_size: int = 64
@@ -46,6 +50,11 @@ class SwanConfig:
     codebook_size: int = 4096
     beta: float = 0.25
     dead_after: int = 50
+    dead_ema: float | None = None
+    dead_below: float = 0.01
+    kmeans_after: int | None = None
+    phi_mix: float | None = None
+    phi_shared: int = 0
 
     def __post_init__(self):
         self.scales = tuple(tuple(s) for s in self.scales)
@@ -91,7 +100,10 @@ class CryoSwan(Autoencoder):
         self.quant_convs = nn.ModuleList(nn.Conv3d(w[k + 1], config.code_dim, 1) for k in range(K))
         self.quantizers = nn.ModuleList(
             ResidualQuantizer(config.codebook_size, config.code_dim, config.scales[k], config.beta,
-                              dead_after=config.dead_after) for k in range(K))
+                              dead_after=config.dead_after, phi_mix=config.phi_mix,
+                              phi_shared=config.phi_shared, dead_ema=config.dead_ema,
+                              dead_below=config.dead_below, kmeans_after=config.kmeans_after)
+            for k in range(K))
         self.post_quant_convs = nn.ModuleList(
             nn.Conv3d(config.code_dim, w[k + 1], 3, padding=1) for k in range(K))
         self.decoders = nn.ModuleList(
