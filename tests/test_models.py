@@ -72,6 +72,78 @@ def test_the_rq1_ablation_is_one_level_of_the_same_class():
     assert list(full.reconstruction_variants(x)) == ["RQ1+RQ2"]
 
 
+@pytest.mark.parametrize("decoder_input", ["residual", "both"])
+def test_both_levels_reach_the_reconstruction(decoder_input):
+    torch.manual_seed(0)
+    model = build_model("swan", preset="small", decoder_input=decoder_input)
+    x = volumes(2)
+    model(x).losses["total"].backward()  # seeds the codebooks
+    assert all(p.grad is not None for p in model.quantizers[1].parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        codes = model.encode(x).codes
+        other = model.encode(volumes(2, seed=1)).codes
+        swapped = {"rq1": codes["rq1"], "rq2": other["rq2"]}
+        # RQ2's codes alone change the decoded map: the literal Algorithm 1 ignores them
+        assert (model.decode_codes(swapped) - model.decode_codes(codes)).abs().max() > 1e-3
+    literal = small("swan")
+    literal(x)
+    literal.eval()
+    with torch.no_grad():
+        codes = literal.encode(x).codes
+        swapped = {"rq1": codes["rq1"], "rq2": literal.encode(volumes(2, seed=1)).codes["rq2"]}
+        torch.testing.assert_close(literal.decode_codes(swapped), literal.decode_codes(codes))
+
+
+def test_in_the_residual_design_rq1_quantizes_what_rq2_left():
+    torch.manual_seed(0)
+    model = build_model("swan", preset="small", decoder_input="residual")
+    model(volumes(2))
+    model.eval()
+    with torch.no_grad():
+        out = model(volumes(2))
+    level1 = out.levels["rq1"]
+    prior = model.prior_convs[0](out.levels["rq2"]["decoded"])
+    # what the decoder reads is RQ2's prior plus RQ1's codes, decoded from RQ1's codes
+    torch.testing.assert_close(level1["quantized"], prior + model.quantizers[0].decode(out.codes["rq1"]))
+
+
+def test_level_dropout_gives_an_in_model_rq1_beside_rq1_plus_rq2():
+    torch.manual_seed(0)
+    model = build_model("swan", preset="small", decoder_input="residual", level_dropout=0.5)
+    assert model.variants == ("RQ1+RQ2", "RQ1")
+    x = volumes(4)
+    model(x)
+    variants = model.reconstruction_variants(x[:2])
+    assert list(variants) == ["RQ1+RQ2", "RQ1"] and model.training  # the mode is restored
+    assert all(v.shape == (2, 1, 64, 64, 64) for v in variants.values())
+    assert (variants["RQ1"] - variants["RQ1+RQ2"]).abs().max() > 1e-3
+    torch.testing.assert_close(variants["RQ1+RQ2"], model.reconstruct(x[:2]))
+    # while training, a share of the maps is decoded without level 2, drawn per map
+    r_BCdhw = torch.ones(64, 3, 2, 2, 2)
+    dropped = (model._drop_coarse(r_BCdhw, False) == 0).flatten(1).all(1).float().mean()
+    assert 0.25 < dropped < 0.75
+    model.eval()
+    assert model._drop_coarse(r_BCdhw, False).eq(1).all()
+    # without level dropout no in-model RQ1 is offered: it would be decoded out of distribution
+    assert build_model("swan", preset="small", decoder_input="residual").variants == ("RQ1+RQ2",)
+    with pytest.raises(ValueError, match="decoder_input"):
+        build_model("swan", preset="small", decoder_input="sideways")
+
+
+def test_the_reconstruction_after_each_perception_scale_ends_at_the_full_one():
+    torch.manual_seed(0)
+    model = build_model("swan", preset="small", decoder_input="residual")
+    x = volumes(2)
+    model(x)
+    steps = model.reconstructions_by_scale(x)
+    assert list(steps) == [f"RQ2 {s}³" for s in RQ2_SCALES] + [f"RQ1 {s}³" for s in RQ1_SCALES]
+    torch.testing.assert_close(steps["RQ1 16³"], model.reconstruct(x))
+    assert (steps["RQ2 1³"] - steps["RQ1 16³"]).abs().max() > 1e-3
+    # the literal Algorithm 1 decodes level 1's codes only: its steps are RQ1's scales
+    assert list(small("swan").reconstructions_by_scale(x)) == [f"RQ1 {s}³" for s in RQ1_SCALES]
+
+
 def test_full_presets_carry_the_paper_hyperparameters():
     config = model_config("swan", "full")
     assert config["scales"] == (RQ1_SCALES, RQ2_SCALES) == ((1, 4, 6, 8, 10, 12, 14, 16), (1, 2, 4, 8))

@@ -47,7 +47,7 @@ def world_centre(layer):
 
 
 def check_result_layers(viewer, source, widget):
-    names = ["blobs RQ1+RQ2", "blobs RQ1", "blobs Δ RQ1+RQ2"]
+    names = ["blobs RQ1+RQ2", "blobs RQ1 control", "blobs Δ RQ1+RQ2"]
     names = [n.replace("blobs", source.name) for n in names]
     assert [layer.name for layer in viewer.layers][1:] == names, widget.status.value
     for name in names:
@@ -62,7 +62,8 @@ def check_result_layers(viewer, source, widget):
         assert meta["checkpoint_id"] and meta["checkpoint"].endswith(".pt")
         assert tuple(meta["preprocessing"]["source_shape"]) == source.data.shape
     assert viewer.layers[names[0]].metadata["variant"] == "RQ1+RQ2"
-    assert viewer.layers[names[1]].metadata["variant"] == "RQ1"
+    assert viewer.layers[names[1]].metadata["variant"] == "RQ1 control"
+    assert viewer.layers[names[1]].metadata["model"] == "swan-rq1"
     assert "fsc" in viewer.layers[names[0]].metadata
     difference = viewer.layers[names[2]]
     assert not difference.visible
@@ -169,6 +170,31 @@ def test_without_an_rq1_checkpoint_rq1_is_stated_not_run(qtbot, viewer_with_widg
     run_and_wait(qtbot, widget)
     assert [layer.name for layer in viewer.layers] == ["blobs", "blobs RQ1+RQ2", "blobs Δ RQ1+RQ2"]
     assert "RQ1 alone: not run" in widget.status.value
+
+
+def test_the_reconstruction_after_each_perception_scale_is_one_4d_layer(qtbot, viewer_with_widget,
+                                                                      make_blob_map):
+    viewer, widget = viewer_with_widget
+    source = add_map(viewer, make_blob_map(), "blobs")
+    widget.layer.value = source
+    widget.compare_rq1.value = False
+    widget.by_scale.value = True
+    run_and_wait(qtbot, widget)
+    steps = viewer.layers["blobs by scale"]
+    labels = steps.metadata["scale_steps"]
+    assert steps.data.shape == (len(labels), 64, 64, 64) and labels[-1] == "RQ1 16³"
+    # the last step is the full reconstruction, shown first and named above the canvas
+    np.testing.assert_allclose(steps.data[-1], viewer.layers["blobs RQ1+RQ2"].data, atol=1e-4)
+    np.testing.assert_allclose(steps.translate[1:], viewer.layers["blobs RQ1+RQ2"].translate)
+    assert viewer.dims.current_step[0] == len(labels) - 1
+    assert viewer.dims.axis_labels[0] == "perception scale"
+    overlay = viewer.canvas.overlays["text"]
+    assert "after RQ1 16³" in overlay.text and overlay.visible
+    viewer.dims.set_current_step(0, 0)
+    assert f"after {labels[0]} (step 1 of {len(labels)})" in overlay.text
+    # other widgets take 3-D maps only: the 4-D layer is not offered as an input
+    widget.reset_choices()
+    assert steps not in widget.layer.choices
 
 
 def test_a_two_level_model_in_the_rq1_slot_is_refused(qtbot, viewer_with_widget, make_blob_map,

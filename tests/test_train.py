@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,8 @@ from napari_cryoswan.models import registry
 from training.train import RunFolderError, TrainSettings, _lock_run_folder, parse_args, train
 
 def settings(corpus, out, **changes) -> TrainSettings:
-    base = TrainSettings(model="swan", corpus=str(corpus), out=str(out), preset="small", steps=6,
+    corpus = [str(c) for c in corpus] if isinstance(corpus, list) else str(corpus)
+    base = TrainSettings(model="swan", corpus=corpus, out=str(out), preset="small", steps=6,
                          batch_size=2, val_every=3, checkpoint_every=3, device="cpu", seed=3)
     return replace(base, **changes)
 
@@ -119,6 +121,44 @@ def test_a_run_begun_with_decay_on_every_parameter_resumes_only_with_it(tiny_cor
         train(settings(tiny_corpus, tmp_path / "run", steps=4, resume=True), progress=False)
     assert train(settings(tiny_corpus, tmp_path / "run", steps=4, resume=True, decay_all=True),
                  progress=False).is_file()
+
+
+def test_set_replaces_fields_of_the_preset_and_a_resume_must_repeat_it(tiny_corpus, tmp_path):
+    parsed = parse_args(["--model", "swan", "--corpus", "c", "--out", "o",
+                         "--set", "decoder_input=residual", "--set", "level_dropout=0.25"])
+    assert parsed.overrides == {"decoder_input": "residual", "level_dropout": 0.25}
+    changed = {"decoder_input": "residual", "level_dropout": 0.25}
+    final = train(settings(tiny_corpus, tmp_path / "run", steps=3, overrides=changed), progress=False)
+    loaded = load_checkpoint(final)
+    assert loaded.model.config.decoder_input == "residual" and loaded.model.variants == ("RQ1+RQ2", "RQ1")
+    assert loaded.provenance["overrides"] == changed
+    with pytest.raises(RunFolderError, match="another configuration"):
+        train(settings(tiny_corpus, tmp_path / "run", steps=4, resume=True), progress=False)
+    with pytest.raises(RunFolderError, match="decoder_input"):
+        train(settings(tiny_corpus, tmp_path / "bad", overrides={"decoder_input": "sideways"}), progress=False)
+
+
+def test_several_corpora_of_one_geometry_train_as_one(tiny_corpus, tmp_path):
+    import shutil
+
+    from training.corpus import Corpus, CorpusError, CorpusSet
+
+    shapes = tmp_path / "shapes"
+    shutil.copytree(tiny_corpus, shapes)
+    both = CorpusSet([tiny_corpus, shapes])
+    one = Corpus(tiny_corpus)
+    assert len(both) == 2 * len(one) and both.corpus_id not in (one.corpus_id, Corpus(shapes).corpus_id)
+    np.testing.assert_array_equal(both.load(len(one)), one.load(0))
+    # a short validation pass sees both corpora
+    val = both.interleaved_indices("val", 2)
+    assert len(val) == 2 and val[0] < len(one) <= val[1]
+    final = train(settings([tiny_corpus, shapes], tmp_path / "run", steps=2), progress=False)
+    assert load_checkpoint(final).provenance["corpus_id"] == both.corpus_id
+
+    manifest = json.loads((shapes / "manifest.json").read_text())
+    (shapes / "manifest.json").write_text(json.dumps({**manifest, "voxel_size": 5.0}))
+    with pytest.raises(CorpusError, match="cannot learn both"):
+        train(settings([tiny_corpus, shapes], tmp_path / "other", steps=2), progress=False)
 
 
 @pytest.mark.parametrize("model", ["vq", "hq", "drgn-vae"])

@@ -34,6 +34,7 @@ import json
 import os
 import re
 from collections.abc import Iterator, Sequence
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,10 @@ class Corpus:
     def corpus_id(self) -> str:
         return self.manifest["corpus_id"]
 
+    @property
+    def voxel_size(self) -> float:
+        return float(self.manifest["voxel_size"])
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -150,6 +155,57 @@ class Corpus:
             if digest != sample["sha256"]:
                 problems.append(f"{sample['sample_id']}: the data does not match its hash in the manifest.")
         return problems
+
+
+class CorpusSet:
+    """Several corpora read as one (proteins and shapes, say): their samples one after the other.
+
+    They must hold maps of one geometry (box and voxel size), since one model learns them all.
+    Indices run over the corpora in the order given; ``corpus_id`` names the combination.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], cache: bool = False):
+        if not paths:
+            raise CorpusError("No corpus given.")
+        self.corpora = [Corpus(path, cache) for path in paths]
+        first = self.corpora[0]
+        for other in self.corpora[1:]:
+            if (other.box, other.voxel_size) != (first.box, first.voxel_size):
+                raise CorpusError(
+                    f"{other.path} holds {other.box}³ maps at {other.voxel_size:g} Å and {first.path} "
+                    f"{first.box}³ at {first.voxel_size:g} Å: one model cannot learn both. Build "
+                    "them with the same --box and --voxel-size.")
+        self.box, self.voxel_size = first.box, first.voxel_size
+        self._starts = np.cumsum([0] + [len(c) for c in self.corpora])
+
+    @property
+    def corpus_id(self) -> str:
+        if len(self.corpora) == 1:
+            return self.corpora[0].corpus_id
+        joined = "+".join(c.corpus_id for c in self.corpora)
+        return hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return np.concatenate([c.split_indices(split) + start for c, start in zip(self.corpora, self._starts)])
+
+    def interleaved_indices(self, split: str, count: int) -> np.ndarray:
+        """Up to ``count`` indices of a split, taken from each corpus in turn, so that a small
+        validation pass sees every corpus."""
+        per_corpus = [list(c.split_indices(split) + start) for c, start in zip(self.corpora, self._starts)]
+        taken = [i for group in zip_longest(*per_corpus) for i in group if i is not None]
+        return np.array(taken[:count], dtype=int)
+
+    def load(self, index: int) -> np.ndarray:
+        which = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return self.corpora[which].load(int(index) - int(self._starts[which]))
+
+    def load_batch(self, indices: Sequence[int]) -> np.ndarray:
+        if not len(indices):
+            return np.zeros((0,) + (self.box,) * 3, np.float32)
+        return np.stack([self.load(i) for i in indices])
 
 
 # --- Writing ------------------------------------------------------------------------------------

@@ -300,17 +300,21 @@ def _markdown(results: list[ModelResult], description: str) -> str:
 
 
 def _ablation(results: list[ModelResult]) -> list[str]:
+    """RQ1+RQ2 beside every RQ1 row: the same model's level 1 alone and the RQ1-only control."""
     rq1 = [r for r in results if r.variant == "RQ1"]
     full = [r for r in results if r.variant == "RQ1+RQ2"]
     if not (rq1 and full):
         return []
     lines = ["## Ablation: RQ1 alone versus RQ1+RQ2", "",
-             "| metric | RQ1 | RQ1+RQ2 | change |", "|---|---|---|---|"]
+             "| metric | " + " | ".join(r.label for r in [*rq1, full[0]]) + " | "
+             + " | ".join(f"change from {r.label}" for r in rq1) + " |",
+             "|---" * (2 * len(rq1) + 2) + "|"]
     for c in METRIC_COLUMNS:
-        a, b = rq1[0].metrics[c], full[0].metrics[c]
-        change = "—" if a is None or b is None else f"{b - a:+.4g}"  # only between two crossings
-        lines.append(f"| {_column_title(c)} | {_cell(rq1[0], c)} | {_cell(full[0], c)} "
-                     f"| {change} |")
+        b = full[0].metrics[c]
+        # a change only between two crossings
+        changes = ["—" if r.metrics[c] is None or b is None else f"{b - r.metrics[c]:+.4g}" for r in rq1]
+        lines.append(f"| {_column_title(c)} | " + " | ".join(_cell(r, c) for r in [*rq1, full[0]])
+                     + " | " + " | ".join(changes) + " |")
     return lines + [""]
 
 

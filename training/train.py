@@ -1,4 +1,7 @@
-"""Fit a model on a corpus: ``python -m training.train --model swan --corpus DIR --out RUN``.
+"""Fit a model on a corpus: ``python -m training.train --model swan --corpus DIR [DIR …] --out RUN``.
+
+Several corpora of one geometry (box and voxel size) train as one: batches draw from all their
+training maps alike, and the validation pass takes from each in turn (``corpus.CorpusSet``).
 
 The paper's optimiser (Adam, lr 1e-3, weight decay 1e-5 on conv and linear weights; codebooks,
 φ, norms and biases are not decayed) at a constant learning rate, with the gradient norm clipped
@@ -32,14 +35,14 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from napari_cryoswan._atomic import atomic_path
 from training._defaults import dataclass_defaults
-from training.corpus import Corpus, write_json_atomic
+from training.corpus import CorpusSet, write_json_atomic
 
 LOG_FIELDS = ("step", "loss", "recon", "commit", "kl", "volumes_per_s")
 
@@ -47,7 +50,7 @@ LOG_FIELDS = ("step", "loss", "recon", "commit", "kl", "volumes_per_s")
 @dataclass
 class TrainSettings:
     model: str
-    corpus: str
+    corpus: str | list[str]
     out: str
     preset: str = "full"
     steps: int = 1000
@@ -63,6 +66,7 @@ class TrainSettings:
     amp: bool = True
     resume: bool = False
     decay_all: bool = False
+    overrides: dict = field(default_factory=dict)
 
 
 def parse_args(argv=None) -> TrainSettings:
@@ -72,7 +76,9 @@ def parse_args(argv=None) -> TrainSettings:
     p = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, choices=MODEL_NAMES)
-    p.add_argument("--corpus", required=True, help="a corpus folder from training.build_corpus")
+    p.add_argument("--corpus", required=True, nargs="+",
+                   help="corpus folders from training.build_corpus, of one box and voxel size (several: "
+                        "their training maps are drawn alike, e.g. proteins and shapes)")
     p.add_argument("--out", required=True, help="the run folder to write")
     d = dataclass_defaults(TrainSettings)
     p.add_argument("--preset", default=d["preset"], choices=PRESETS,
@@ -100,7 +106,25 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--no-amp", dest="amp", action="store_false",
                    help="no bf16 autocast on CUDA (it is never used on the CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
-    return TrainSettings(**vars(p.parse_args(argv)))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="replace one field of the preset's model config, e.g. --set level_dropout=0.25 "
+                        "(VALUE is read as JSON, else as text; repeatable)")
+    args = p.parse_args(argv)
+    args.overrides = _parse_overrides(args.overrides, p)
+    return TrainSettings(**vars(args))
+
+
+def _parse_overrides(items: list[str], parser: argparse.ArgumentParser) -> dict:
+    overrides = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--set {item}: expected FIELD=VALUE")
+        try:
+            overrides[name] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[name] = text
+    return overrides
 
 
 class RunFolderError(RuntimeError):
@@ -124,18 +148,25 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     device = choose_device(settings.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    corpus = Corpus(settings.corpus)
+    corpus_paths = [settings.corpus] if isinstance(settings.corpus, str) else list(settings.corpus)
+    corpus = CorpusSet(corpus_paths)
     train_ids = corpus.split_indices("train")
-    val_ids = corpus.split_indices("val")[: settings.max_val]
+    val_ids = corpus.interleaved_indices("val", settings.max_val)
     if len(train_ids) == 0:
-        raise RunFolderError(f"{settings.corpus}: the training split is empty.")
+        raise RunFolderError(f"{', '.join(corpus_paths)}: the training split is empty.")
 
     torch.manual_seed(settings.seed)
-    model = build_model(settings.model, preset=settings.preset).to(device)
+    try:
+        model = build_model(settings.model, preset=settings.preset, **settings.overrides).to(device)
+    except (TypeError, ValueError) as error:
+        raise RunFolderError(f"--set {settings.overrides}: {error}") from error
     optimizer = default_optimizer(model, settings.lr, settings.weight_decay, decay_all=settings.decay_all)
     start_step, best_val = 0, math.inf
     if settings.resume:
         last = load_checkpoint(out / "last.pt")
+        if last.model.config_dict() != model.config_dict():
+            raise RunFolderError("last.pt holds a model of another configuration: resume with the "
+                                 f"--model, --preset and --set it began with (see {out / 'config.json'}).")
         model.load_state_dict(last.model.state_dict())
         start_step, best_val = _restore(model, optimizer, last.training, device)
         if rank == 0:
@@ -146,11 +177,11 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
             **asdict(settings), "corpus_id": corpus.corpus_id, "world_size": world})
 
     wrapped = _wrap_distributed(model, device, world)
-    provenance = {"corpus": str(settings.corpus), "corpus_id": corpus.corpus_id,
-                  "preset": settings.preset, "seed": settings.seed}
+    provenance = {"corpus": ", ".join(map(str, corpus_paths)), "corpus_id": corpus.corpus_id,
+                  "preset": settings.preset, "overrides": settings.overrides, "seed": settings.seed}
     # The model learns the corpus's maps, so they are its input contract.
     save = functools.partial(save_checkpoint, overwrite=True, contract=InputContract(
-        corpus.box, float(corpus.manifest["voxel_size"])))
+        corpus.box, corpus.voxel_size))
     bar = _progress_bar(settings.steps, start_step, progress and rank == 0)
     step = start_step
     try:

@@ -85,17 +85,19 @@ def reconstruct(
     batch_size: int = 4,
     progress: Progress | None = None,
     should_stop: StopCheck | None = None,
+    by_scale: bool = False,
 ) -> dict[str, np.ndarray]:
     """Reconstruct (N, D, H, W) volumes; returns variant name → (N, D, H, W) float32 arrays.
 
-    A model gives one entry per reconstruction variant it decodes (``reconstruction_variants``).
+    A model gives one entry per reconstruction variant it decodes (``reconstruction_variants``),
+    or with ``by_scale`` one per perception scale (``CryoSwan.reconstructions_by_scale``).
     """
     if len(volumes) == 0:
         raise ValueError("No volumes to reconstruct.")
     device = device or choose_device()
     model = model.to(device).eval()
-    parts = map_batches(model.reconstruction_variants, volumes, device, batch_size, progress,
-                        should_stop)
+    decode = model.reconstructions_by_scale if by_scale else model.reconstruction_variants
+    parts = map_batches(decode, volumes, device, batch_size, progress, should_stop)
     return {
         name: np.concatenate([p[name][:, 0].float().numpy() for p in parts])
         for name in parts[0]

@@ -5,7 +5,8 @@ docs/ARCHITECTURE.md): a result layer says where it came from, so any widget can
 
     source_layer      name of the map layer a result was computed from
     source_layer_id   that layer's napari ``unique_id``
-    variant           which reconstruction: "RQ1+RQ2", "RQ1", "RQ1+RQ2 − input", …
+    variant           which reconstruction: "RQ1+RQ2", "RQ1" (in-model), "RQ1 control",
+                      "RQ1+RQ2 − input", …
     model             registry name of the model ("swan", "swan-rq1", …)
     checkpoint        path of the checkpoint file; checkpoint_id its content hash
     preprocessing     the PreprocessRecord as a dict (where the model's box sits, in Å)
@@ -121,6 +122,8 @@ def reconstruction_layer_data(source_name: str, source_id: str, result, contour:
         density = DensityMap(variant.box, scale, translate)
         out.append(density_layer_data(density, f"{stem} {variant.variant}", metadata,
                                       **_contour_kwargs(contour)))
+    if result.by_scale is not None:
+        out.append(_scale_steps_layer_data(stem, result, common, contour))
     if result.variants:
         full = result.variants[0]
         difference = result.difference(full)
@@ -132,6 +135,30 @@ def reconstruction_layer_data(source_name: str, source_id: str, result, contour:
                                       colormap="PiYG", contrast_limits=(-bound, bound),
                                       rendering="mip", visible=False))
     return out
+
+
+def _scale_steps_layer_data(stem: str, result, common: dict, contour: float | None) -> tuple:
+    """One 4-D layer, (step, z, y, x): the slider's first axis walks through the perception
+    scales, coarse to fine, and ``scale_steps`` names each step."""
+    steps = result.by_scale
+    scale, translate = result.placement
+    metadata = {**common, "variant": f"{result.variants[0].variant} by scale", "model": steps.model,
+                "checkpoint": steps.checkpoint, "checkpoint_id": steps.checkpoint_id,
+                "scale_steps": list(steps.labels)}
+    kwargs = {"name": f"{stem} by scale", "scale": (1.0, *scale), "translate": (0.0, *translate),
+              "units": ("pixel", "angstrom", "angstrom", "angstrom"), "metadata": metadata,
+              "colormap": "gray", "rendering": "iso",
+              "iso_threshold": default_contour(steps.boxes[-1]) if contour is None else float(contour)}
+    return (steps.boxes, kwargs, "image")
+
+
+def scale_step_label(layer, world_step: float) -> str | None:
+    """The perception scale that a by-scale layer shows at a position of the first axis."""
+    labels = layer.metadata.get("scale_steps") if layer.ndim == 4 else None
+    if not labels:
+        return None
+    index = int(np.clip(round((world_step - layer.translate[0]) / layer.scale[0]), 0, len(labels) - 1))
+    return f"{layer.name}: after {labels[index]} (step {index + 1} of {len(labels)})"
 
 
 def _contour_kwargs(contour: float | None) -> dict:

@@ -45,11 +45,23 @@ class VariantReconstruction:
 
 
 @dataclass
+class ScaleSteps:
+    """The first checkpoint's reconstruction after each perception scale, coarse to fine."""
+
+    labels: list[str]  # "RQ2 1³", …, "RQ1 16³"
+    model: str
+    checkpoint: str
+    checkpoint_id: str
+    boxes: np.ndarray  # (steps, box, box, box), in the density units of the input map
+
+
+@dataclass
 class ReconstructionResult:
     record: PreprocessRecord
     input_box: np.ndarray  # the preprocessed input, normalisation undone
     variants: list[VariantReconstruction] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what the user must know about this result
+    by_scale: ScaleSteps | None = None
 
     @property
     def placement(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -147,6 +159,7 @@ def reconstruct_map(
     device=None,
     stage: Stage | None = None,
     should_stop: StopCheck | None = None,
+    by_scale: bool = False,
 ) -> ReconstructionResult:
     """Preprocess ``density`` as ``settings`` say and reconstruct it with every checkpoint.
 
@@ -156,10 +169,12 @@ def reconstruct_map(
         settings: the preprocessing of the checkpoints' input contract.
         stage: called as (done, total, message) as the work advances.
         should_stop: checked between stages; raises ``engine.Cancelled`` when it says True.
+        by_scale: also decode the first checkpoint after each perception scale
+            (``result.by_scale``; Cryo-SWAN only).
     """
     from .engine import reconstruct
 
-    total = len(checkpoints) + 2
+    total = len(checkpoints) + 2 + by_scale
     report = stage or (lambda done, total, message: None)
 
     def check():
@@ -192,6 +207,15 @@ def reconstruct_map(
                 fsc=fsc(box, result.input_box, settings.voxel_size).up_to(source_nyquist),
                 metrics=voxel_metrics(volumes[0], prepared.data),
             ))
+    if by_scale:
+        check()
+        report(total - 1, total, "decoding each perception scale")
+        main = checkpoints[0]
+        steps = reconstruct(main.model, prepared.data[None], device, batch_size=1,
+                            should_stop=should_stop, by_scale=True)
+        result.by_scale = ScaleSteps(
+            list(steps), main.model.name, str(main.path), main.checkpoint_id,
+            np.stack([denormalise(volumes[0], prepared.record) for volumes in steps.values()]))
     check()
     report(total, total, "done")
     return result

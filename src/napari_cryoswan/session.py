@@ -26,7 +26,9 @@ from .reconstruction import (
 )
 
 DEVICES = ("auto", "cpu", "cuda")
-CONTROL_VARIANT = "RQ1"  # the separately trained RQ1-only model beside the full one
+CONTROL_VARIANT = "RQ1"  # what the separately trained RQ1-only model decodes
+# Its label beside the full model, which may decode an in-model "RQ1" of its own.
+CONTROL_LABEL = "RQ1 control"
 
 _viewer_sessions: dict[int, Session] = {}
 
@@ -106,11 +108,14 @@ class Session:
         contour_level: float | None = None,
         stage: Stage | None = None,
         should_stop=None,
+        by_scale: bool = False,
     ) -> ReconstructionResult:
-        """Reconstruct a map with a checkpoint and, optionally, its RQ1-only control.
+        """Reconstruct a map with a checkpoint and, optionally, its RQ1-only control, whose
+        reconstruction is labelled ``CONTROL_LABEL``.
 
         The preprocessing is the checkpoint's input contract; ``contour_level`` masks the map
-        first. Warnings about the input are in ``result.notes``.
+        first. Warnings about the input are in ``result.notes``. ``by_scale`` also decodes the
+        checkpoint after each perception scale (``result.by_scale``).
         """
         report = stage or (lambda done, total, message: None)
         report(0, 1, "loading the checkpoint")
@@ -119,8 +124,13 @@ class Session:
             loaded.append(self.checkpoint(control))
             check_control(loaded[0], loaded[1])
         contract = loaded[0].contract
+        if by_scale and not hasattr(loaded[0].model, "reconstructions_by_scale"):
+            raise CheckpointError(f"{loaded[0].path.name} holds a '{loaded[0].model.name}' model, which "
+                                  "has no perception scales to decode one by one. Untick that option.")
         result = reconstruct_map(density, loaded, contract.settings(contour_level), self.device,
-                                 stage=stage, should_stop=should_stop)
+                                 stage=stage, should_stop=should_stop, by_scale=by_scale)
+        for variant in result.variants[len(loaded[0].model.variants):]:
+            variant.variant = CONTROL_LABEL
         # The run measured the density outside the box: its note replaces the estimate.
         result.notes[:0] = input_concerns(density, contract.settings(contour_level),
                                           estimate_outside=False)

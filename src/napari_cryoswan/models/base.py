@@ -80,7 +80,7 @@ class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstruction (evaluation mode, no autograd). Shape: like x."""
-        with _evaluating(self), torch.inference_mode():
+        with evaluating(self), torch.inference_mode():
             return self(x).recon
 
     @property
@@ -115,7 +115,7 @@ class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
             book.reset_usage()
 
 
-class _evaluating:
+class evaluating:
     """Put a module in eval mode for a block, then restore its previous mode."""
 
     def __init__(self, module: nn.Module):

@@ -5,12 +5,22 @@ For a 64³ input and K = 2:
 
     x ─PE (Eq. 1)─▶ encoder_1 ─▶ Enc[1] 16³ ─▶ encoder_2 ─▶ Enc[2] 8³
     level 2: quant_conv_2 ▶ RQ2 (scales 1, 2, 4, 8)          ▶ post_quant_conv_2 ▶ decoder_2 ▶ r_2 16³
-    level 1: combi_conv_1(concat(r_2, Enc[1])) ▶ quant_conv_1 ▶ RQ1 (scales 1, 4, …, 16)
+    level 1: combi_conv_1(concat(r_2, Enc[1])) ▶ quant_conv_1 ▶ f_1 ▶ RQ1 (scales 1, 4, …, 16)
              ▶ post_quant_conv_1 ▶ decoder_1 ▶ r_1 = x̂ 64³
 
-As Algorithm 1 is written, the reconstruction depends on the level-1 codes alone: the coarser
-levels condition what level 1 quantizes (and train through its straight-through estimator),
-so `decode_codes` needs only ``codes["rq1"]``.
+``decoder_input`` says how the coarser levels reach the reconstruction:
+
+- ``"rq1"``, Algorithm 1 read literally: decoder_1 reads ẑ_1 alone, so the coarser levels only
+  condition what level 1 quantizes and ``decode_codes`` needs only ``codes["rq1"]``;
+- ``"residual"``: level 2's output, projected into level 1's code space (p = prior_conv_1(r_2)),
+  starts level 1's residual stack: RQ1 quantizes f_1 − p and decoder_1 reads p + ẑ_1, so each
+  level adds what the levels above left (Eq. 4's sum over levels, a wavelet's approximation
+  plus detail);
+- ``"both"``: decoder_1 reads fusion(concat(post_quant_conv_1(ẑ_1), r_2)), as VQ-VAE-2's bottom
+  decoder reads the top level.
+
+With ``level_dropout`` q > 0, training replaces r_2 by zeros for a share q of the maps, so the
+same model also decodes "RQ1" (level 1 alone) beside "RQ1+RQ2" (docs/MODELS.md).
 """
 
 from __future__ import annotations
@@ -20,12 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import Autoencoder, Codes, Encoding, ModelOutput
+from .base import Autoencoder, Codes, Encoding, ModelOutput, evaluating
 from .blocks import Decoder3d, Encoder3d, VoxelPositionalEncoding, fusion_block, mse
 from .quantize import ResidualQuantizer
 
 RQ1_SCALES = (1, 4, 6, 8, 10, 12, 14, 16)
 RQ2_SCALES = (1, 2, 4, 8)
+DECODER_INPUTS = ("rq1", "residual", "both")
 
 
 @dataclass
@@ -39,6 +50,9 @@ class SwanConfig:
       phi_mix, phi_shared: VAR's constrained φ (quantize.ResidualQuantizer). Their defaults are
       the behaviour of configs saved before they existed, so old checkpoints rebuild as trained;
       the presets switch them on.
+    - decoder_input, level_dropout: how the coarser levels reach the reconstruction, and the
+      training share of maps decoded without them (module docstring). The defaults are Algorithm 1
+      read literally, as configs saved before these fields were trained.
     """
 
     volume_size: int = 64
@@ -55,8 +69,14 @@ class SwanConfig:
     kmeans_after: int | None = None
     phi_mix: float | None = None
     phi_shared: int = 0
+    decoder_input: str = "rq1"
+    level_dropout: float = 0.0
 
     def __post_init__(self):
+        if self.decoder_input not in DECODER_INPUTS:
+            raise ValueError(f"decoder_input must be one of {DECODER_INPUTS}, not {self.decoder_input!r}")
+        if not 0.0 <= self.level_dropout < 1.0:
+            raise ValueError("level_dropout is a probability below 1")
         self.scales = tuple(tuple(s) for s in self.scales)
         self.widths = tuple(self.widths)
         if len(self.widths) != len(self.scales) + 1:
@@ -109,15 +129,21 @@ class CryoSwan(Autoencoder):
         self.decoders = nn.ModuleList(
             [Decoder3d(w[1::-1], 1, config.blocks)]
             + [Decoder3d((w[k + 1],), w[k], config.blocks) for k in range(1, K)])
+        # prior_conv_k projects r_{k+1} into level k's code space ("residual");
+        # decoder_fusion_k fuses it with level k's codes before decoder_k ("both").
+        if config.decoder_input == "residual":
+            self.prior_convs = nn.ModuleList(nn.Conv3d(w[k + 1], config.code_dim, 1) for k in range(K - 1))
+        if config.decoder_input == "both":
+            self.decoder_fusions = nn.ModuleList(fusion_block(2 * w[k + 1], w[k + 1]) for k in range(K - 1))
 
     @staticmethod
     def level_name(level: int) -> str:
         return f"rq{level}"
 
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        levels, codes, commits = self._quantize_levels(self._encode_levels(x))
-        recon = self.decoders[0](self.post_quant_convs[0](levels["rq1"]["quantized"]))
-        levels["rq1"]["decoded"] = recon
+    def forward(self, x: torch.Tensor, without_coarse: bool = False) -> ModelOutput:
+        """``without_coarse``: decode level 1 alone (the in-model "RQ1"), r_2 replaced by zeros."""
+        levels, codes, commits = self._quantize_levels(self._encode_levels(x), without_coarse, decode=True)
+        recon = levels["rq1"]["decoded"]
         losses = {"recon": mse(recon, x), "commit": sum(commits.values())}
         losses.update({f"commit/{name}": value for name, value in commits.items()})
         losses["total"] = losses["recon"] + losses["commit"]
@@ -129,15 +155,63 @@ class CryoSwan(Autoencoder):
                         {name: level["quantized"] for name, level in levels.items()})
 
     def decode_codes(self, codes: Codes) -> torch.Tensor:
-        f_quant = self.quantizers[0].decode(codes[self.level_name(1)])
-        return self.decoders[0](self.post_quant_convs[0](f_quant))
+        """A level whose list of codes is shorter than its scales contributes its first scales
+        only, and an empty list nothing (``reconstructions_by_scale``)."""
+        r_BCdhw = None
+        any_code = next(c for level in codes.values() for c in level)
+        for k in reversed(range(self.config.levels)):
+            if k > 0 and self.config.decoder_input == "rq1":
+                continue  # the literal Algorithm 1: level 1's codes alone make the reconstruction
+            level_codes = codes[self.level_name(k + 1)]
+            if level_codes:
+                f_hat_BCdhw = self.quantizers[k].decode(level_codes)
+            else:
+                size = self.config.latent_size(k + 1)
+                f_hat_BCdhw = torch.zeros(any_code.shape[0], self.config.code_dim, size, size, size,
+                                          device=any_code.device)
+            prior = self._prior(k, r_BCdhw)
+            if prior is not None:
+                f_hat_BCdhw = prior + f_hat_BCdhw
+            r_BCdhw = self.decoders[k](self._decoder_input(k, f_hat_BCdhw, r_BCdhw))
+        return r_BCdhw
 
     @property
     def variants(self) -> tuple[str, ...]:
-        return ("+".join(f"RQ{k}" for k in range(1, self.config.levels + 1)),)
+        full = "+".join(f"RQ{k}" for k in range(1, self.config.levels + 1))
+        return (full, "RQ1") if self.in_model_rq1 else (full,)
+
+    @property
+    def in_model_rq1(self) -> bool:
+        """Whether this model was trained to decode level 1 alone (level dropout)."""
+        return self.config.levels > 1 and self.config.level_dropout > 0
 
     def reconstruction_variants(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {self.variants[0]: self.reconstruct(x)}
+        out = {self.variants[0]: self.reconstruct(x)}
+        if self.in_model_rq1:
+            with evaluating(self), torch.inference_mode():
+                out["RQ1"] = self(x, without_coarse=True).recon
+        return out
+
+    def reconstructions_by_scale(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The reconstruction after each perception scale, coarse to fine (the paper's Fig. 4b–c):
+        "RQ2 1³" decodes level 2's first scale alone, …, "RQ1 16³" every code (the full
+        reconstruction). Levels that do not reach the decoder (the literal Algorithm 1's RQ2)
+        have no steps of their own.
+
+        Shape: x (B, 1, 64, 64, 64) → each (B, 1, 64, 64, 64)
+        """
+        with evaluating(self), torch.inference_mode():
+            codes = self.encode(x).codes
+            steps = {}
+            for k in reversed(range(self.config.levels)):
+                if k > 0 and self.config.decoder_input == "rq1":
+                    continue
+                name = self.level_name(k + 1)
+                for n, scale in enumerate(self.config.scales[k], start=1):
+                    partial = {other: (level if other_k > k else level[:n] if other_k == k else [])
+                               for other_k, (other, level) in enumerate(codes.items())}
+                    steps[f"RQ{k + 1} {scale}³"] = self.decode_codes(partial)
+            return steps
 
     def codebooks(self) -> dict[str, nn.Module]:
         return {self.level_name(k + 1): q.codebook for k, q in enumerate(self.quantizers)}
@@ -149,24 +223,53 @@ class CryoSwan(Autoencoder):
             features.append(encoder(features[-1]))
         return features[1:]
 
-    def _quantize_levels(self, encoded: list[torch.Tensor]):
-        """Phase 2 (lines 11–18) from level K down to level 2, then level 1's quantizer.
+    def _quantize_levels(self, encoded: list[torch.Tensor], without_coarse: bool = False,
+                         decode: bool = False):
+        """Phase 2 (lines 11–18) from level K down to level 1.
 
-        Returns per-level tensors, codes and commitment losses; decoder_1 is left to the caller
-        so that `encode` does not pay for it.
+        Returns per-level tensors, codes and commitment losses. decoder_1 runs only with
+        ``decode`` (``encode`` does not pay for it); its output is ``levels["rq1"]["decoded"]``.
         """
         levels, codes, commits = {}, {}, {}
         r_BCdhw = None  # r_{k+1}: the decoded output of the level above
         for k in reversed(range(self.config.levels)):
             name = self.level_name(k + 1)
+            if k == 0 and r_BCdhw is not None:
+                r_BCdhw = self._drop_coarse(r_BCdhw, without_coarse)
             zc_BCdhw = encoded[k] if r_BCdhw is None else self.combi_convs[k](torch.cat([r_BCdhw, encoded[k]], 1))
             f_BCdhw = self.quant_convs[k](zc_BCdhw)
-            quantized = self.quantizers[k](f_BCdhw)
-            levels[name] = {"latent": f_BCdhw, "quantized": quantized.f_hat_BCdhw,
+            prior = self._prior(k, r_BCdhw)
+            # The prior is detached where it is subtracted, so that the decoder's gradient reaches
+            # it through the sum below (through the straight-through estimator it would cancel).
+            quantized = self.quantizers[k](f_BCdhw if prior is None else f_BCdhw - prior.detach())
+            f_hat_BCdhw = quantized.f_hat_BCdhw if prior is None else prior + quantized.f_hat_BCdhw
+            levels[name] = {"latent": f_BCdhw, "quantized": f_hat_BCdhw,
                             "residual_norms": torch.stack(quantized.residual_norms)}
             codes[name], commits[name] = quantized.codes, quantized.loss
-            if k > 0:
-                r_BCdhw = self.decoders[k](self.post_quant_convs[k](quantized.f_hat_BCdhw))
+            if k > 0 or decode:
+                r_BCdhw = self.decoders[k](self._decoder_input(k, f_hat_BCdhw, r_BCdhw))
                 levels[name]["decoded"] = r_BCdhw
         order = [self.level_name(k) for k in range(1, self.config.levels + 1)]
         return ({n: levels[n] for n in order}, {n: codes[n] for n in order}, {n: commits[n] for n in order})
+
+    def _drop_coarse(self, r_BCdhw: torch.Tensor, without_coarse: bool) -> torch.Tensor:
+        """r_2 as level 1 sees it: zeros when decoding level 1 alone, and for a random share
+        ``level_dropout`` of the maps while training."""
+        if without_coarse:
+            return torch.zeros_like(r_BCdhw)
+        if self.training and self.config.level_dropout > 0:
+            keep_B = torch.rand(r_BCdhw.shape[0], device=r_BCdhw.device) >= self.config.level_dropout
+            return r_BCdhw * keep_B.view(-1, 1, 1, 1, 1).to(r_BCdhw.dtype)
+        return r_BCdhw
+
+    def _prior(self, k: int, r_BCdhw: torch.Tensor | None) -> torch.Tensor | None:
+        """p_k, where level k's residual stack starts ("residual"); None otherwise."""
+        if self.config.decoder_input != "residual" or r_BCdhw is None:
+            return None
+        return self.prior_convs[k](r_BCdhw)
+
+    def _decoder_input(self, k: int, f_hat_BCdhw: torch.Tensor, r_BCdhw: torch.Tensor | None) -> torch.Tensor:
+        h_BCdhw = self.post_quant_convs[k](f_hat_BCdhw)
+        if self.config.decoder_input == "both" and r_BCdhw is not None:
+            h_BCdhw = self.decoder_fusions[k](torch.cat([h_BCdhw, r_BCdhw], 1))
+        return h_BCdhw

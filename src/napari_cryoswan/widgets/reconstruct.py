@@ -1,4 +1,5 @@
-"""Dock widget: reconstruct a map with Cryo-SWAN (RQ1+RQ2) and its RQ1-only control.
+"""Dock widget: reconstruct a map with Cryo-SWAN (RQ1+RQ2, and its in-model RQ1 where it has
+one) and a separately trained RQ1-only control.
 
 It collects the choices, runs ``Session.reconstruct`` in a worker and turns the result into
 layers that overlay the input: each reconstruction and the difference map of the full model,
@@ -30,8 +31,14 @@ class ReconstructWidget(ModelJobWidget):
             tooltip="Keep only the density above the map layer's iso-surface level (with a soft "
                     "edge) before the model sees it: for maps with other particles or noise in "
                     "the box.")
+        self.by_scale = CheckBox(
+            text="also after each perception scale (4-D layer)",
+            tooltip="Decode the codes scale by scale, coarse to fine, as the paper's Fig. 4b–c: "
+                    "one layer whose first slider walks from the coarsest scale to the full "
+                    "reconstruction. The step shown is named at the top of the canvas.")
         super().__init__(viewer, checkpoint=bundled_checkpoint("swan"),
-                         extra=(self.compare_rq1, self.rq1_checkpoint, self.mask))
+                         extra=(self.compare_rq1, self.rq1_checkpoint, self.mask, self.by_scale))
+        self.lifetime.connect_event(viewer.dims.events.current_step, self._name_scale_step)
         self.compare_rq1.changed.connect(self._rq1_enabled)
         self.mask.changed.connect(self.describe)
         self._rq1_enabled()
@@ -44,11 +51,11 @@ class ReconstructWidget(ModelJobWidget):
     def compute(self, density):
         session, checkpoint = self.session, typed_path(self.checkpoint)
         control = typed_path(self.rq1_checkpoint) if self.compare_rq1.value else None
-        contour = self.contour_level()
+        contour, by_scale = self.contour_level(), self.by_scale.value
 
         def job(stage, should_stop):
             return session.reconstruct(density, checkpoint, control, contour_level=contour,
-                                       stage=stage, should_stop=should_stop)
+                                       stage=stage, should_stop=should_stop, by_scale=by_scale)
 
         return job
 
@@ -59,12 +66,31 @@ class ReconstructWidget(ModelJobWidget):
         added = [self.viewer.add_layer(_make_layer(*data)) for data in
                  reconstruction_layer_data(job.layer.name, job.layer.unique_id, result, contour)]
         self.viewer.layers.selection.active = added[0]  # its contour control, not the hidden Δ's
+        if result.by_scale is not None:
+            dims = self.viewer.dims
+            dims.axis_labels = ("perception scale", *dims.axis_labels[1:])
+            dims.set_current_step(0, len(result.by_scale.labels) - 1)  # the full map first
+            self._name_scale_step()
         status = "Done: " + ", ".join(layer.name for layer in added)
-        if not any(v.variant == "RQ1" for v in result.variants):
-            status += ". RQ1 alone: not run (no RQ1 control checkpoint chosen)."
+        if not any(v.variant.startswith("RQ1") and "+" not in v.variant for v in result.variants):
+            status += (". RQ1 alone: not run (this checkpoint does not decode level 1 alone, and no "
+                       "RQ1 control checkpoint was chosen).")
         if result.notes:
             status += " ⚠ " + " ".join(result.notes)
         return status
+
+    def _name_scale_step(self, *args) -> None:
+        """Name the perception scale that the visible by-scale layers show, above the canvas."""
+        from ..layers import scale_step_label
+
+        if self.viewer.dims.ndim < 4:
+            return
+        step = self.viewer.dims.point[0]
+        labels = [scale_step_label(layer, step) for layer in self.viewer.layers if layer.visible]
+        labels = [label for label in labels if label]
+        overlay = _text_overlay(self.viewer)
+        overlay.text = "\n".join(labels)
+        overlay.visible = bool(labels)
 
     def _rq1_enabled(self, *args) -> None:
         self.rq1_checkpoint.enabled = self.compare_rq1.value
@@ -84,6 +110,12 @@ class ReconstructWidget(ModelJobWidget):
         worker = create_worker(load, _start_thread=False, _ignore_errors=True)
         worker.finished.connect(lambda: self.closed or self.describe())
         worker.start()
+
+
+def _text_overlay(viewer):
+    """The canvas's text overlay (``viewer.text_overlay`` before napari 0.9)."""
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.overlays["text"] if canvas is not None else viewer.text_overlay
 
 
 def _chosen(path) -> bool:
