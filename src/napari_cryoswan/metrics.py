@@ -245,6 +245,11 @@ def mse(prediction: np.ndarray, target: np.ndarray) -> float:
     return float(np.mean((p - t) ** 2))
 
 
+def rmse(prediction: np.ndarray, target: np.ndarray) -> float:
+    """Root-mean-square error on the [0, 1] scale of the target (as ``mse``)."""
+    return float(np.sqrt(mse(prediction, target)))
+
+
 def psnr(prediction: np.ndarray, target: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB, with the target scaled to a peak of 1."""
     error = mse(prediction, target)
