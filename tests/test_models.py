@@ -18,9 +18,16 @@ from napari_cryoswan.models.swan import RQ1_SCALES, RQ2_SCALES, CryoSwan
 STRUCTURES = Path(__file__).parent / "data" / "structures"
 
 
-def small(name: str, seed: int = 0):
+def small(name: str, seed: int = 0, **config):
     torch.manual_seed(seed)
-    return build_model(name, preset="small")
+    return build_model(name, preset="small", **config)
+
+
+def seeded_swan(x: torch.Tensor, **config):
+    """A small Cryo-SWAN of the given config whose codebooks one training forward on x seeded."""
+    model = small("swan", **config)
+    model(x)
+    return model
 
 
 def are_rows_of(vectors_NC: torch.Tensor, rows_MC: torch.Tensor) -> torch.Tensor:
@@ -96,9 +103,7 @@ def test_both_levels_reach_the_reconstruction(decoder_input):
 
 
 def test_in_the_residual_design_rq1_quantizes_what_rq2_left():
-    torch.manual_seed(0)
-    model = build_model("swan", preset="small", decoder_input="residual")
-    model(volumes(2))
+    model = seeded_swan(volumes(2), decoder_input="residual")
     model.eval()
     with torch.no_grad():
         out = model(volumes(2))
@@ -109,11 +114,9 @@ def test_in_the_residual_design_rq1_quantizes_what_rq2_left():
 
 
 def test_level_dropout_gives_an_in_model_rq1_beside_rq1_plus_rq2():
-    torch.manual_seed(0)
-    model = build_model("swan", preset="small", decoder_input="residual", level_dropout=0.5)
-    assert model.variants == ("RQ1+RQ2", "RQ1")
     x = volumes(4)
-    model(x)
+    model = seeded_swan(x, decoder_input="residual", level_dropout=0.5)
+    assert model.variants == ("RQ1+RQ2", "RQ1")
     variants = model.reconstruction_variants(x[:2])
     assert list(variants) == ["RQ1+RQ2", "RQ1"] and model.training  # the mode is restored
     assert all(v.shape == (2, 1, 64, 64, 64) for v in variants.values())
@@ -129,6 +132,18 @@ def test_level_dropout_gives_an_in_model_rq1_beside_rq1_plus_rq2():
     assert build_model("swan", preset="small", decoder_input="residual").variants == ("RQ1+RQ2",)
     with pytest.raises(ValueError, match="decoder_input"):
         build_model("swan", preset="small", decoder_input="sideways")
+
+
+def test_fine_dropout_makes_level_2_reconstruct_alone():
+    x = volumes(2)
+    model = seeded_swan(x, decoder_input="residual", fine_dropout=0.5)
+    assert model.variants == ("RQ1+RQ2", "RQ2")
+    variants = model.reconstruction_variants(x)
+    # "RQ2" decodes RQ2's prior alone: the first step of the by-scale decode that holds all of RQ2
+    torch.testing.assert_close(variants["RQ2"], model.reconstructions_by_scale(x)["RQ2 8³"])
+    assert (variants["RQ2"] - variants["RQ1+RQ2"]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="fine_dropout needs"):
+        build_model("swan", preset="small", fine_dropout=0.5)
 
 
 def test_the_reconstruction_after_each_perception_scale_ends_at_the_full_one():

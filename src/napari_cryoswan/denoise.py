@@ -33,10 +33,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .engine import Cancelled, StopCheck
+
+if TYPE_CHECKING:
+    from .checkpoint import LoadedCheckpoint
+    from .io import DensityMap
+    from .metrics import FSCCurve
+    from .preprocess import PreprocessRecord, PreprocessSettings
 
 Progress = Callable[[int, int, str], None]  # (done, total, what is happening)
 CubeRotation = tuple[tuple[int, int, int], tuple[bool, bool, bool]]  # (axis order, flipped axes)
@@ -281,6 +288,14 @@ METHODS: dict[str, Method] = {
 }
 
 
+def method_named(name: str) -> Method:
+    """The method of ``METHODS`` called ``name``, or a ValueError that lists them."""
+    if name not in METHODS:
+        raise ValueError(f"Unknown denoising method {name!r}; choose one of "
+                         f"{', '.join(METHODS)}.")
+    return METHODS[name]
+
+
 @dataclass
 class Denoised:
     """A denoised volume (D, H, W) float32, with the method and every parameter it ran with
@@ -307,10 +322,7 @@ def denoise(volume: np.ndarray, method: str, *, model=None, params: dict | None 
         should_stop: checked before the work and between model batches; True raises
             ``engine.Cancelled``.
     """
-    if method not in METHODS:
-        raise ValueError(f"Unknown denoising method {method!r}; choose one of "
-                         f"{', '.join(METHODS)}.")
-    spec = METHODS[method]
+    spec = method_named(method)
     unknown = set(params or {}) - set(spec.defaults)
     if unknown:
         raise ValueError(f"{method} has no parameter {', '.join(sorted(unknown))}; it takes "
@@ -334,3 +346,147 @@ def denoise(volume: np.ndarray, method: str, *, model=None, params: dict | None 
     out = spec.run(volume, resolved, job)
     report(1, 1, "done")
     return Denoised(np.asarray(out, np.float32), method, recorded)
+
+
+# --- a whole map, as the Denoise widget runs it ----------------------------------------------
+
+
+@dataclass
+class Judged:
+    """A volume in the model's box, in the input map's density units, with its FSC and voxel
+    metrics against the reference (``DenoisedMap.reference``)."""
+
+    box: np.ndarray
+    fsc: FSCCurve
+    metrics: dict[str, float]
+
+
+@dataclass
+class DenoisedMap:
+    """A map denoised in the model's box (the checkpoint's input contract).
+
+    ``reference`` is the preprocessed input, in its density units: the clean map when noise was
+    added first (``snr``), so the FSC and the metrics then say how well the method restored it;
+    without added noise they say how much the method changed the map. ``params`` are the
+    method's parameters as it ran them, on the normalised box (``noise_sd`` in its units).
+    """
+
+    record: PreprocessRecord
+    method: str
+    params: dict
+    reference: np.ndarray
+    denoised: Judged
+    noisy: Judged | None = None  # the input with the noise added, when it was
+    snr: float | None = None
+    seed: int | None = None
+    model: str | None = None
+    checkpoint: str | None = None
+    checkpoint_id: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def placement(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(scale, translate) in Å, (z, y, x), that lay the box over the input map."""
+        return (self.record.voxel_size,) * 3, tuple(self.record.box_origin)
+
+    def summary(self) -> str:
+        """One line for the user: how the result compares with its reference."""
+        def judged(j: Judged) -> str:
+            if not np.isfinite(j.metrics["psnr"]):
+                return "identical"
+            return (f"PSNR {j.metrics['psnr']:.1f} dB, FSC 0.5 at "
+                    f"{j.fsc.resolution(0.5).format()}")
+
+        if self.noisy is None:
+            return f"Against the input (how much it changed): {judged(self.denoised)}."
+        return (f"Against the clean map: noisy {judged(self.noisy)}; denoised "
+                f"{judged(self.denoised)}.")
+
+
+def denoise_map(density: DensityMap, settings: PreprocessSettings, method: str, *,
+                checkpoint: LoadedCheckpoint | None = None, snr: float | None = None, seed=0,
+                params: dict | None = None, device=None, stage: Progress | None = None,
+                should_stop: StopCheck | None = None) -> DenoisedMap:
+    """Preprocess a map (``settings``: the checkpoint's input contract), optionally add noise at
+    ``snr`` (``add_noise`` on the normalised box, with ``seed``), denoise it with ``method`` and
+    judge the result against the preprocessed input.
+
+    Every method returns its result in the units of the box it is given, and the noise is added
+    after the normalisation, so undoing the normalisation (``denormalise``) brings the result to
+    the input's density units: linear bookkeeping, right with or without noise. The scale that
+    matters is the model's, and ``project`` sets it from the clean s.d. (``clean_sd``), not from
+    the noisy map's, which would inflate the result. With noise added its s.d. is known and
+    given to the method; otherwise the method estimates it.
+
+    Args:
+        density: a map with a voxel size.
+        checkpoint: for the methods that need a model.
+        stage: called as (done, total, message) as the work advances.
+        should_stop: checked between the steps and between the model's batches; True raises
+            ``engine.Cancelled``.
+    """
+    from .metrics import fsc, voxel_metrics
+    from .preprocess import denormalise, preprocess
+
+    spec = method_named(method)
+    if spec.needs_model and checkpoint is None:
+        raise ValueError(f"{method} needs a model: choose an autoencoder checkpoint.")
+    report = stage or (lambda done, total, message: None)
+    total = 100  # percent: the method's own progress fills most of the bar
+
+    def check():
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+
+    def method_progress(done: int, steps: int, message: str) -> None:
+        detail = f" ({message} {done} of {steps})" if steps > 1 else ""
+        report(15 + (80 * done) // max(steps, 1), total, f"denoising with {method}{detail}")
+
+    check()
+    report(0, total, "preprocessing")
+    prepared = preprocess(density, settings)
+    clean, record = prepared.data, prepared.record
+    given = clean
+    noise_sd = None
+    if snr is not None:
+        check()
+        report(10, total, f"adding noise at SNR {snr:g}")
+        noise_sd = noise_sd_for(clean, snr)
+        given = add_noise(clean, snr, seed)
+    check()
+    report(15, total, f"denoising with {method}")
+    model = None if checkpoint is None else checkpoint.model
+    result = denoise(given, method, model=model, params=params, noise_sd=noise_sd, device=device,
+                     progress=method_progress, should_stop=should_stop)
+    check()
+    report(95, total, "measuring the FSC and the metrics")
+    reference = denormalise(clean, record)
+    # A map coarser than the box holds nothing past its own Nyquist: the FSC stops there.
+    source_nyquist = 1.0 / (2.0 * max(max(density.voxel_size), settings.voxel_size))
+
+    def judge(volume: np.ndarray) -> Judged:
+        box = denormalise(volume, record)
+        curve = fsc(box, reference, settings.voxel_size).up_to(source_nyquist)
+        return Judged(box, curve, voxel_metrics(volume, clean))
+
+    uses_model = spec.needs_model and checkpoint is not None
+    out = DenoisedMap(
+        record=record, method=method, params=result.params, reference=reference,
+        denoised=judge(result.volume), noisy=None if snr is None else judge(given),
+        snr=snr, seed=None if snr is None else seed,
+        model=checkpoint.model.name if uses_model else None,
+        checkpoint=str(checkpoint.path) if uses_model else None,
+        checkpoint_id=checkpoint.checkpoint_id if uses_model else None)
+    if record.fraction_outside > 0.01:
+        out.notes.append(
+            f"{record.fraction_outside:.0%} of the density lay outside the "
+            f"{settings.box}³ box at {settings.voxel_size:g} Å and was cut off first.")
+    altered = [f"low-passed at {record.lowpass_cutoff:g} Å"] if record.lowpass_cutoff else []
+    altered += ["padded with zeros"] if np.any(record.padding) else []
+    if result.params.get("noise_sd_from") == "estimated" and altered:
+        out.notes.append(
+            f"The noise s.d. was estimated in the model's box, where the map was "
+            f"{' and '.join(altered)}: the estimate assumes white noise everywhere, so it is "
+            "likely too low and the method too gentle.")
+    report(total, total, "done")
+    return out

@@ -6,11 +6,16 @@ docs/ARCHITECTURE.md): a result layer says where it came from, so any widget can
     source_layer      name of the map layer a result was computed from
     source_layer_id   that layer's napari ``unique_id``
     variant           which reconstruction: "RQ1+RQ2", "RQ1" (in-model), "RQ1 control",
-                      "RQ1+RQ2 − input", …
+                      "RQ1+RQ2 − input", …; a denoising's "denoised (nl-means)", "noisy (SNR 0.5)"
+    method, params    a denoising's method and its parameters as it ran them (on the normalised
+                      box: noise_sd in its units; noise_sd_from "given" or "estimated")
+    snr, seed         the noise added before denoising, when it was (the reference is then the
+                      clean map)
     model             registry name of the model ("swan", "swan-rq1", …)
     checkpoint        path of the checkpoint file; checkpoint_id its content hash
     preprocessing     the PreprocessRecord as a dict (where the model's box sits, in Å)
-    fsc               FSCCurve.to_dict() of the result against the preprocessed input
+    fsc               FSCCurve.to_dict() of the result against the preprocessed input (the
+                      clean map, when noise was added)
     metrics           voxel metrics against the preprocessed input
     notes             what the user was told about the input (density cut off, …)
     voxel_size, origin   the geometry of the source map, in Å (z, y, x)
@@ -135,6 +140,53 @@ def reconstruction_layer_data(source_name: str, source_id: str, result, contour:
                                       colormap="PiYG", contrast_limits=(-bound, bound),
                                       rendering="mip", visible=False))
     return out
+
+
+def denoised_layer_data(source_name: str, source_id: str, result,
+                        contour: float | None) -> list[tuple]:
+    """LayerData for a denoising (``denoise.DenoisedMap``): the noisy map when noise was added,
+    then the denoised one, each on the model's box placed over the source map."""
+    scale, translate = result.placement
+    common = {"source_layer": source_name, "source_layer_id": source_id,
+              "preprocessing": result.record.to_dict(), "notes": list(result.notes),
+              "voxel_size": tuple(result.record.source_voxel_size),
+              "origin": tuple(result.record.source_origin),
+              "method": result.method, "params": dict(result.params)}
+    if result.snr is not None:
+        common.update(snr=result.snr, seed=result.seed)
+    if result.checkpoint is not None:
+        common.update(model=result.model, checkpoint=result.checkpoint,
+                      checkpoint_id=result.checkpoint_id)
+    stem = short_name(source_name)
+    shown = [(f"denoised ({result.method})", f"denoised ({result.method})", result.denoised)]
+    if result.noisy is not None:
+        shown.insert(0, (f"noisy SNR {result.snr:g}", f"noisy (SNR {result.snr:g})", result.noisy))
+    # One grey scale, the clean map's, so that slices of the noisy and denoised maps compare.
+    low, high = float(result.reference.min()), float(result.reference.max())
+    grey = {"contrast_limits": (low, high)} if high > low else {}
+    out = []
+    for label, variant, judged in shown:
+        metadata = {**common, "variant": variant, "fsc": judged.fsc.to_dict(),
+                    "metrics": judged.metrics}
+        density = DensityMap(judged.box, scale, translate)
+        out.append(density_layer_data(density, f"{stem} {label}", metadata,
+                                      **grey, **_contour_kwargs(contour)))
+    return out
+
+
+def shown_already(layers, layer_data: tuple):
+    """The layer among ``layers`` that already shows ``layer_data`` (same source, variant, place
+    and voxels: the same noisy map made again by a run with the same seed), or None."""
+    data, kwargs, _ = layer_data
+    keys = ("source_layer_id", "variant", "snr", "seed")
+    for layer in layers:
+        meta = layer.metadata
+        if (all(meta.get(k) == kwargs["metadata"].get(k) for k in keys)
+                and np.allclose(layer.scale, kwargs["scale"])
+                and np.allclose(layer.translate, kwargs["translate"])
+                and np.shape(layer.data) == np.shape(data) and np.array_equal(layer.data, data)):
+            return layer
+    return None
 
 
 def _scale_steps_layer_data(stem: str, result, common: dict, contour: float | None) -> tuple:

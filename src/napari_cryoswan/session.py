@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ._atomic import atomic_path as write_atomically  # noqa: F401 (for widgets that save files)
 from .checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_file, load_checkpoint
+from .denoise import METHODS as DENOISE_METHODS  # names and summaries, for the widgets
+from .denoise import DenoisedMap, denoise_map, method_named
 from .engine import Cancelled  # noqa: F401 (what a cancelled use case raises, for the widgets)
 from .io import DensityMap
 from .reconstruction import (
@@ -134,6 +136,51 @@ class Session:
         # The run measured the density outside the box: its note replaces the estimate.
         result.notes[:0] = input_concerns(density, contract.settings(contour_level),
                                           estimate_outside=False)
+        return result
+
+    def describe_denoising(self, density: DensityMap, checkpoint: str | os.PathLike | None,
+                           method: str) -> tuple[str, list[str]]:
+        """``describe_reconstruction`` for a denoising method: the model methods preprocess for
+        their checkpoint, the classical ones for the paper's box (64³ at 4 Å), where their
+        results can be compared with the model's."""
+        from .preprocess import PreprocessSettings
+
+        if density.voxel_size is None:
+            return "No voxel size: enter the map's voxel size (Å per voxel) to denoise it.", []
+        if method_named(method).needs_model:
+            return self.describe_reconstruction(density, checkpoint)
+        settings = PreprocessSettings()
+        return describe_preprocessing(density, settings), input_concerns(density, settings)
+
+    def denoise(
+        self,
+        density: DensityMap,
+        checkpoint: str | os.PathLike | None,
+        method: str,
+        *,
+        snr: float | None = None,
+        seed=0,
+        params: dict | None = None,
+        stage: Stage | None = None,
+        should_stop=None,
+    ) -> DenoisedMap:
+        """Denoise a map with a method of ``DENOISE_METHODS`` in the model's box.
+
+        With ``snr``, noise at that SNR (and ``seed``) is added to the preprocessed map first and
+        the clean map is the reference; otherwise the result is judged against the input. Only
+        the model methods read ``checkpoint``; the classical ones work on the paper's box (64³
+        at 4 Å). Warnings about the input are in ``result.notes``.
+        """
+        from .preprocess import PreprocessSettings
+
+        loaded, settings, device = None, PreprocessSettings(), None
+        if method_named(method).needs_model:
+            (stage or (lambda done, total, message: None))(0, 1, "loading the checkpoint")
+            loaded = self.checkpoint(checkpoint)
+            settings, device = loaded.contract.settings(), self.device
+        result = denoise_map(density, settings, method, checkpoint=loaded, snr=snr, seed=seed,
+                             params=params, device=device, stage=stage, should_stop=should_stop)
+        result.notes[:0] = input_concerns(density, settings, estimate_outside=False)
         return result
 
 

@@ -20,7 +20,10 @@ For a 64³ input and K = 2:
   decoder reads the top level.
 
 With ``level_dropout`` q > 0, training replaces r_2 by zeros for a share q of the maps, so the
-same model also decodes "RQ1" (level 1 alone) beside "RQ1+RQ2" (docs/MODELS.md).
+same model also decodes "RQ1" (level 1 alone) beside "RQ1+RQ2". With ``fine_dropout`` q > 0
+(the "residual" and "both" designs), training leaves level 1's codes out of the decoder's input
+for a share q of the maps, so that level 2 must reconstruct those maps alone, and the model also
+decodes "RQ2" (docs/MODELS.md).
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ class SwanConfig:
       phi_mix, phi_shared: VAR's constrained φ (quantize.ResidualQuantizer). Their defaults are
       the behaviour of configs saved before they existed, so old checkpoints rebuild as trained;
       the presets switch them on.
-    - decoder_input, level_dropout: how the coarser levels reach the reconstruction, and the
-      training share of maps decoded without them (module docstring). The defaults are Algorithm 1
+    - decoder_input, level_dropout, fine_dropout: how the coarser levels reach the
+      reconstruction, and the training shares of maps decoded without them, or without level 1's
+      codes (module docstring). The defaults are Algorithm 1
       read literally, as configs saved before these fields were trained.
     """
 
@@ -71,12 +75,15 @@ class SwanConfig:
     phi_shared: int = 0
     decoder_input: str = "rq1"
     level_dropout: float = 0.0
+    fine_dropout: float = 0.0
 
     def __post_init__(self):
         if self.decoder_input not in DECODER_INPUTS:
             raise ValueError(f"decoder_input must be one of {DECODER_INPUTS}, not {self.decoder_input!r}")
-        if not 0.0 <= self.level_dropout < 1.0:
-            raise ValueError("level_dropout is a probability below 1")
+        if not (0.0 <= self.level_dropout < 1.0 and 0.0 <= self.fine_dropout < 1.0):
+            raise ValueError("level_dropout and fine_dropout are probabilities below 1")
+        if self.fine_dropout and self.decoder_input == "rq1":
+            raise ValueError("fine_dropout needs a decoder that reads level 2 (decoder_input 'residual' or 'both')")
         self.scales = tuple(tuple(s) for s in self.scales)
         self.widths = tuple(self.widths)
         if len(self.widths) != len(self.scales) + 1:
@@ -140,9 +147,11 @@ class CryoSwan(Autoencoder):
     def level_name(level: int) -> str:
         return f"rq{level}"
 
-    def forward(self, x: torch.Tensor, without_coarse: bool = False) -> ModelOutput:
-        """``without_coarse``: decode level 1 alone (the in-model "RQ1"), r_2 replaced by zeros."""
-        levels, codes, commits = self._quantize_levels(self._encode_levels(x), without_coarse, decode=True)
+    def forward(self, x: torch.Tensor, without_coarse: bool = False, without_fine: bool = False) -> ModelOutput:
+        """``without_coarse``: decode level 1 alone (the in-model "RQ1"), r_2 replaced by zeros;
+        ``without_fine``: decode level 2 alone (the in-model "RQ2"), level 1's codes left out."""
+        levels, codes, commits = self._quantize_levels(self._encode_levels(x), without_coarse, decode=True,
+                                                       without_fine=without_fine)
         recon = levels["rq1"]["decoded"]
         losses = {"recon": mse(recon, x), "commit": sum(commits.values())}
         losses.update({f"commit/{name}": value for name, value in commits.items()})
@@ -178,18 +187,24 @@ class CryoSwan(Autoencoder):
     @property
     def variants(self) -> tuple[str, ...]:
         full = "+".join(f"RQ{k}" for k in range(1, self.config.levels + 1))
-        return (full, "RQ1") if self.in_model_rq1 else (full,)
+        return (full, *self._partial_variants())
 
-    @property
-    def in_model_rq1(self) -> bool:
-        """Whether this model was trained to decode level 1 alone (level dropout)."""
-        return self.config.levels > 1 and self.config.level_dropout > 0
+    def _partial_variants(self) -> dict[str, dict]:
+        """The single-level reconstructions this model was trained to decode, and how."""
+        if self.config.levels != 2:
+            return {}
+        partial = {}
+        if self.config.level_dropout > 0:
+            partial["RQ1"] = {"without_coarse": True}
+        if self.config.fine_dropout > 0:
+            partial["RQ2"] = {"without_fine": True}
+        return partial
 
     def reconstruction_variants(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {self.variants[0]: self.reconstruct(x)}
-        if self.in_model_rq1:
-            with evaluating(self), torch.inference_mode():
-                out["RQ1"] = self(x, without_coarse=True).recon
+        with evaluating(self), torch.inference_mode():
+            for name, how in self._partial_variants().items():
+                out[name] = self(x, **how).recon
         return out
 
     def reconstructions_by_scale(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -224,7 +239,7 @@ class CryoSwan(Autoencoder):
         return features[1:]
 
     def _quantize_levels(self, encoded: list[torch.Tensor], without_coarse: bool = False,
-                         decode: bool = False):
+                         decode: bool = False, without_fine: bool = False):
         """Phase 2 (lines 11–18) from level K down to level 1.
 
         Returns per-level tensors, codes and commitment losses. decoder_1 runs only with
@@ -242,7 +257,8 @@ class CryoSwan(Autoencoder):
             # The prior is detached where it is subtracted, so that the decoder's gradient reaches
             # it through the sum below (through the straight-through estimator it would cancel).
             quantized = self.quantizers[k](f_BCdhw if prior is None else f_BCdhw - prior.detach())
-            f_hat_BCdhw = quantized.f_hat_BCdhw if prior is None else prior + quantized.f_hat_BCdhw
+            codes_BCdhw = self._drop_fine(quantized.f_hat_BCdhw, without_fine) if k == 0 else quantized.f_hat_BCdhw
+            f_hat_BCdhw = codes_BCdhw if prior is None else prior + codes_BCdhw
             levels[name] = {"latent": f_BCdhw, "quantized": f_hat_BCdhw,
                             "residual_norms": torch.stack(quantized.residual_norms)}
             codes[name], commits[name] = quantized.codes, quantized.loss
@@ -257,10 +273,14 @@ class CryoSwan(Autoencoder):
         ``level_dropout`` of the maps while training."""
         if without_coarse:
             return torch.zeros_like(r_BCdhw)
-        if self.training and self.config.level_dropout > 0:
-            keep_B = torch.rand(r_BCdhw.shape[0], device=r_BCdhw.device) >= self.config.level_dropout
-            return r_BCdhw * keep_B.view(-1, 1, 1, 1, 1).to(r_BCdhw.dtype)
-        return r_BCdhw
+        return _drop_per_map(r_BCdhw, self.config.level_dropout if self.training else 0.0)
+
+    def _drop_fine(self, zq_BCdhw: torch.Tensor, without_fine: bool) -> torch.Tensor:
+        """Level 1's codes as the decoder reads them: none when decoding level 2 alone, and none
+        for a random share ``fine_dropout`` of the maps while training."""
+        if without_fine:
+            return torch.zeros_like(zq_BCdhw)
+        return _drop_per_map(zq_BCdhw, self.config.fine_dropout if self.training else 0.0)
 
     def _prior(self, k: int, r_BCdhw: torch.Tensor | None) -> torch.Tensor | None:
         """p_k, where level k's residual stack starts ("residual"); None otherwise."""
@@ -273,3 +293,11 @@ class CryoSwan(Autoencoder):
         if self.config.decoder_input == "both" and r_BCdhw is not None:
             h_BCdhw = self.decoder_fusions[k](torch.cat([h_BCdhw, r_BCdhw], 1))
         return h_BCdhw
+
+
+def _drop_per_map(t_BCdhw: torch.Tensor, probability: float) -> torch.Tensor:
+    """Zeros for each map of the batch with the given probability, drawn per map."""
+    if probability <= 0:
+        return t_BCdhw
+    keep_B = torch.rand(t_BCdhw.shape[0], device=t_BCdhw.device) >= probability
+    return t_BCdhw * keep_B.view(-1, 1, 1, 1, 1).to(t_BCdhw.dtype)
