@@ -92,6 +92,19 @@ def test_codecs_can_be_left_out(tiny_corpus, small_checkpoints, tmp_path):
     assert [(r["model"], r["bits_per_map"]) for r in rows] == [("swan-rq1 (RQ1)", "72527")]
 
 
+def test_two_checkpoints_of_one_model_are_named_by_their_runs(tiny_corpus, small_checkpoints, tmp_path):
+    import shutil
+
+    for run in ("run-a", "run-b"):
+        (tmp_path / run).mkdir()
+        shutil.copyfile(small_checkpoints["swan-rq1"], tmp_path / run / "model.pt")
+    out = tmp_path / "report"
+    assert main(["--checkpoints", str(tmp_path / "run-a" / "model.pt"), str(tmp_path / "run-b" / "model.pt"),
+                 "--corpus", str(tiny_corpus), "--out", str(out), "--device", "cpu", "--codecs"]) == 0
+    rows = list(csv.DictReader(open(out / "report.csv")))
+    assert [r["model"] for r in rows] == ["run-a: swan-rq1 (RQ1)", "run-b: swan-rq1 (RQ1)"]
+
+
 def test_report_on_a_folder_of_maps(small_checkpoints, tmp_path, data_dir):
     maps = tmp_path / "maps"
     maps.mkdir()

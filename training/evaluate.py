@@ -156,11 +156,14 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
 
     session = Session(device)
     results = []
+    model_names = [session.checkpoint(path).model.name for path in paths]
     for path in paths:
         loaded = session.checkpoint(path)
         volumes = volumes_for(loaded.contract)
         voxel_size = loaded.contract.voxel_size
         name = loaded.model.name
+        # several checkpoints of one model: each row names its run
+        shown = f"{_checkpoint_tag(path)}: {name}" if model_names.count(name) > 1 else name
         progress(f"evaluating {path} ({name}) on {len(volumes)} volumes")
         bits = _latent_bits(loaded.model, loaded.contract.box)
         scores, curves = evaluate_volumes(loaded.model, volumes, voxel_size, session.device,
@@ -168,7 +171,7 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
         usage = loaded.model.codebook_usage()
         model_rows = []
         for variant, scored in scores.items():
-            label = f"{name} ({variant})" if variant != name else name
+            label = f"{shown} ({variant})" if variant != name else shown
             model_rows.append(_result(label, variant, name, path, loaded.checkpoint_id, scored,
                                       curves[variant], usage, bits=bits, bit_budget=bits))
         results += model_rows
@@ -176,7 +179,7 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
             codec = get_codec(codec_name)
             for fraction in codec_fractions:
                 budget = int(bits * fraction)
-                share = f"{name}'s bits" if fraction == 1 else f"{fraction:g} × {name}'s bits"
+                share = f"{shown}'s bits" if fraction == 1 else f"{fraction:g} × {shown}'s bits"
                 progress(f"  {codec_name} at {budget:,} bits per map ({share})")
                 try:
                     scored, curve, used = evaluate_codec(codec, volumes, voxel_size, budget)
@@ -187,6 +190,12 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
                     f"{codec_name} @ {share}", codec_name, codec_name, path, loaded.checkpoint_id,
                     scored, curve, {}, bits=used, bit_budget=budget, budget_of=model_rows[0].label))
     return results
+
+
+def _checkpoint_tag(path) -> str:
+    """A short name for a checkpoint: its run folder for a run's model.pt / best.pt / last.pt."""
+    path = Path(str(path))
+    return path.parent.name if path.name in ("model.pt", "best.pt", "last.pt") else path.stem
 
 
 def _result(label, variant, model, path, checkpoint_id, scored, curve, usage, **bits):
@@ -360,7 +369,8 @@ def _bits_notes(results: list[ModelResult]) -> list[str]:
              "the mean size of its real bitstreams, header included, each within the budget "
              "named in its row (codec rows: napari_cryoswan.codecs)."]
     if any(r.variant == "RQ1+RQ2" for r in results):
-        notes.append("Cryo-SWAN's latent counts RQ1 and RQ2, though its decoder reads RQ1 only.")
+        notes.append("Cryo-SWAN's latent counts RQ1 and RQ2, though in the literal Algorithm 1 "
+                     "(decoder_input 'rq1', docs/MODELS.md) its decoder reads RQ1 only.")
     return [" ".join(notes), ""]
 
 
