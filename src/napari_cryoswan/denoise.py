@@ -387,7 +387,7 @@ class DenoisedMap:
     @property
     def placement(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """(scale, translate) in Å, (z, y, x), that lay the box over the input map."""
-        return (self.record.voxel_size,) * 3, tuple(self.record.box_origin)
+        return self.record.placement
 
     def summary(self) -> str:
         """One line for the user: how the result compares with its reference."""
@@ -461,12 +461,10 @@ def denoise_map(density: DensityMap, settings: PreprocessSettings, method: str, 
     check()
     report(95, total, "measuring the FSC and the metrics")
     reference = denormalise(clean, record)
-    # A map coarser than the box holds nothing past its own Nyquist: the FSC stops there.
-    source_nyquist = 1.0 / (2.0 * max(max(density.voxel_size), settings.voxel_size))
 
     def judge(volume: np.ndarray) -> Judged:
         box = denormalise(volume, record)
-        curve = fsc(box, reference, settings.voxel_size).up_to(source_nyquist)
+        curve = fsc(box, reference, settings.voxel_size).up_to(record.source_nyquist)
         return Judged(box, curve, voxel_metrics(volume, clean))
 
     uses_model = spec.needs_model and checkpoint is not None
@@ -477,10 +475,7 @@ def denoise_map(density: DensityMap, settings: PreprocessSettings, method: str, 
         model=checkpoint.model.name if uses_model else None,
         checkpoint=str(checkpoint.path) if uses_model else None,
         checkpoint_id=checkpoint.checkpoint_id if uses_model else None)
-    if record.fraction_outside > 0.01:
-        out.notes.append(
-            f"{record.fraction_outside:.0%} of the density lay outside the "
-            f"{settings.box}³ box at {settings.voxel_size:g} Å and was cut off first.")
+    out.notes += filter(None, [record.cut_off_note()])
     altered = [f"low-passed at {record.lowpass_cutoff:g} Å"] if record.lowpass_cutoff else []
     altered += ["padded with zeros"] if np.any(record.padding) else []
     if result.params.get("noise_sd_from") == "estimated" and altered:

@@ -114,10 +114,7 @@ def reconstruction_layer_data(source_name: str, source_id: str, result, contour:
     the full metadata names the source, so short layer names lose nothing.
     """
     scale, translate = result.placement
-    common = {"source_layer": source_name, "source_layer_id": source_id,
-              "preprocessing": result.record.to_dict(), "notes": list(result.notes),
-              "voxel_size": tuple(result.record.source_voxel_size),
-              "origin": tuple(result.record.source_origin)}
+    common = _provenance(source_name, source_id, result)
     stem = short_name(source_name)
     out = []
     for variant in result.variants:
@@ -147,10 +144,7 @@ def denoised_layer_data(source_name: str, source_id: str, result,
     """LayerData for a denoising (``denoise.DenoisedMap``): the noisy map when noise was added,
     then the denoised one, each on the model's box placed over the source map."""
     scale, translate = result.placement
-    common = {"source_layer": source_name, "source_layer_id": source_id,
-              "preprocessing": result.record.to_dict(), "notes": list(result.notes),
-              "voxel_size": tuple(result.record.source_voxel_size),
-              "origin": tuple(result.record.source_origin),
+    common = {**_provenance(source_name, source_id, result),
               "method": result.method, "params": dict(result.params)}
     if result.snr is not None:
         common.update(snr=result.snr, seed=result.seed)
@@ -187,6 +181,14 @@ def shown_already(layers, layer_data: tuple):
                 and np.shape(layer.data) == np.shape(data) and np.array_equal(layer.data, data)):
             return layer
     return None
+
+
+def _provenance(source_name: str, source_id: str, result) -> dict:
+    """The metadata every result layer of a run shares: its source, preprocessing and notes."""
+    record = result.record
+    return {"source_layer": source_name, "source_layer_id": source_id,
+            "preprocessing": record.to_dict(), "notes": list(result.notes),
+            "voxel_size": tuple(record.source_voxel_size), "origin": tuple(record.source_origin)}
 
 
 def _scale_steps_layer_data(stem: str, result, common: dict, contour: float | None) -> tuple:

@@ -83,6 +83,24 @@ class PreprocessRecord:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def placement(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """(scale, translate) in Å, (z, y, x), that lay the box over the source map."""
+        return (self.voxel_size,) * 3, tuple(self.box_origin)
+
+    @property
+    def source_nyquist(self) -> float:
+        """The highest frequency (1/Å) the box holds of the source: a map coarser than the box
+        holds nothing past its own Nyquist, so FSCs against it stop there."""
+        return 1.0 / (2.0 * max(max(self.source_voxel_size), self.voxel_size))
+
+    def cut_off_note(self) -> str | None:
+        """What the user must be told when the box cut off more than 1 % of the density."""
+        if self.fraction_outside <= 0.01:
+            return None
+        return (f"{self.fraction_outside:.0%} of the density lay outside the {self.box}³ box at "
+                f"{self.voxel_size:g} Å and was cut off before the map was processed.")
+
 
 @dataclass(frozen=True)
 class Preprocessed:

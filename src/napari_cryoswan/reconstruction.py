@@ -66,7 +66,7 @@ class ReconstructionResult:
     @property
     def placement(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """(scale, translate) in Å, (z, y, x), that lay the box over the input map."""
-        return (self.record.voxel_size,) * 3, tuple(self.record.box_origin)
+        return self.record.placement
 
     def difference(self, variant: VariantReconstruction) -> np.ndarray:
         """What the model changed: reconstruction − preprocessed input, in the box.
@@ -183,14 +183,8 @@ def reconstruct_map(
 
     report(0, total, "preprocessing")
     prepared = preprocess(density, settings)
-    # A map coarser than the box holds nothing past its own Nyquist: the FSC stops there.
-    source_nyquist = 1.0 / (2.0 * max(max(density.voxel_size), settings.voxel_size))
     result = ReconstructionResult(prepared.record, denormalise(prepared.data, prepared.record))
-    if prepared.record.fraction_outside > 0.01:
-        result.notes.append(
-            f"{prepared.record.fraction_outside:.0%} of the density lay outside the "
-            f"{settings.box}³ box at {settings.voxel_size:g} Å and was cut off before the model "
-            "saw it.")
+    result.notes += filter(None, [prepared.record.cut_off_note()])
     for i, checkpoint in enumerate(checkpoints, start=1):
         check()
         report(i, total, f"reconstructing with {checkpoint.model.name}")
@@ -204,7 +198,7 @@ def reconstruct_map(
                 checkpoint=str(checkpoint.path),
                 checkpoint_id=checkpoint.checkpoint_id,
                 box=box,
-                fsc=fsc(box, result.input_box, settings.voxel_size).up_to(source_nyquist),
+                fsc=fsc(box, result.input_box, settings.voxel_size).up_to(prepared.record.source_nyquist),
                 metrics=voxel_metrics(volumes[0], prepared.data),
             ))
     if by_scale:

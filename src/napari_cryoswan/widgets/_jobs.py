@@ -181,11 +181,11 @@ class ModelJobWidget(Container):
 
     def compute(self, density) -> Callable:
         """What runs in the worker: a function of (stage, should_stop) returning a result."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say what its job computes")
 
     def show(self, job: Job, result) -> str:
         """Turn a current result into layers (UI thread); returns the status line."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say how its results are shown")
 
     def contour_level(self) -> float | None:
         """The contour level to mask the map at before the model sees it (None: no mask)."""
