@@ -1,0 +1,185 @@
+"""Retrieval of rotated copies: the project's embedding beside the classical descriptors.
+
+On maps the autoencoder never saw (by default the val and test splits of its corpus: whole
+structures held out, each entry in five random orientations), each method turns every map into
+a vector, and each query looks for its nearest neighbours by Euclidean distance:
+
+- **clean**: every held-out map is a query against all the others; a hit is another
+  orientation of the same entry (``entry_id``).
+- **hard**: each query is a degraded copy of a held-out map (``embedding.degraded_copy``:
+  another uniformly random rotation by spline interpolation, a blur of 1 voxel, noise at an SNR
+  drawn from 1–2, masked at a contour drawn from mean + 0–1 s.d.), searched among the clean
+  maps with its own source map left out: a hit is one of the source's other orientations.
+- **same structure**: for entries whose structure has other held-out entries (sub-assemblies
+  of one complex), the nearest map of another entry, clean form: a hit shares the structure
+  (``group``).
+
+Methods: ``raw voxels``, ``radial spectrum``, ``3-D Zernike`` (order 10, no pre-filter) and
+``3-D Zernike σ2`` (both sides pre-filtered, σ = 2 voxels: its fair preprocessing for noisy
+queries), from ``napari_cryoswan.descriptors``; ``pooled latent`` (each level's latent averaged
+over the box, as the paper's UMAP pools it); ``SWAN shells`` (the embedding recipe without its
+head) and ``SWAN embedding`` (with the checkpoint's invariance head, when it has one).
+
+    python benchmarks/bench_retrieval.py --corpus corpus_default --checkpoint bundled:swan \\
+        --splits val test --seed 0 --json retrieval.json
+
+Prints the machine, versions, settings and date, then a markdown table of top-1 and top-5
+rates and the time per map of each method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pooled_latent_embedder(model):
+    """The plain pooled latent: each level's continuous latent averaged over the box."""
+    import torch
+
+    from napari_cryoswan.engine import map_batches
+
+    def embed(boxes):
+        def pool(x):
+            latents = model.encode(x).latents
+            return torch.cat([latents[name].float().mean(dim=(2, 3, 4)) for name in sorted(latents)], 1)
+
+        parts = map_batches(pool, boxes, torch.device("cpu"))
+        return np.concatenate([p.numpy() for p in parts])
+
+    return embed
+
+
+def methods(loaded, head_path=None) -> dict:
+    from napari_cryoswan.descriptors import describe_boxes
+    from napari_cryoswan.embedding import Embedder
+
+    found = {
+        "raw voxels": lambda b: describe_boxes("raw_voxels", b),
+        "radial spectrum": lambda b: describe_boxes("radial_power_spectrum", b),
+        "3-D Zernike": lambda b: describe_boxes("zernike", b),
+        "3-D Zernike σ2": lambda b: describe_boxes("zernike_prefiltered", b),
+        "pooled latent": pooled_latent_embedder(loaded.model),
+        "SWAN shells": Embedder(loaded.model, None).embed,
+    }
+    embedder = Embedder.for_checkpoint(loaded, head_path)
+    if embedder.head is not None:
+        found["SWAN embedding"] = embedder.embed
+    return found
+
+
+def hit_rates(queries_ND, gallery_MD, query_labels, gallery_labels, excluded_QM) -> tuple[float, float]:
+    """(top-1, top-5) share of queries whose nearest non-excluded gallery items share a label."""
+    distances = ((queries_ND[:, None, :] - gallery_MD[None]) ** 2).sum(-1)
+    distances[excluded_QM] = np.inf
+    order = np.argsort(distances, axis=1)[:, :5]
+    hits = gallery_labels[order] == query_labels[:, None]
+    return float(hits[:, 0].mean()), float(hits.any(1).mean())
+
+
+# Latent features have arbitrary units per channel: each is scaled by its spread over the clean
+# maps, so that no channel's units decide the distance (the embedding's head standardises its
+# input itself). The descriptors are compared as their authors define them.
+STANDARDISED = ("pooled latent", "SWAN shells")
+
+
+def standardised(clean_ND, *others):
+    mean, std = clean_ND.mean(0), clean_ND.std(0) + 1e-8
+    return [(a - mean) / std for a in (clean_ND, *others)]
+
+
+def run(args) -> dict:
+    from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
+    from napari_cryoswan.embedding import degraded_copy
+    from training.corpus import Corpus
+
+    corpus = Corpus(args.corpus)
+    loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
+    indices = np.concatenate([corpus.split_indices(s) for s in args.splits])
+    if args.max_maps:
+        indices = indices[: args.max_maps]
+    boxes = corpus.load_batch(indices)
+    entry = np.array([corpus.samples[i]["entry_id"] for i in indices])
+    group = np.array([corpus.samples[i]["group"] for i in indices])
+    rng = np.random.default_rng(args.seed)
+    hard = np.stack([degraded_copy(b, rng) for b in boxes])
+    n = len(indices)
+    itself = np.eye(n, dtype=bool)
+    same_entry = entry[:, None] == entry[None]
+    multi = np.array([len(set(entry[group == g])) > 1 for g in group])
+    rows = []
+    for name, embed in methods(loaded, args.head).items():
+        start = time.perf_counter()
+        clean = np.asarray(embed(boxes), np.float64)
+        seconds = (time.perf_counter() - start) / n
+        degraded = np.asarray(embed(hard), np.float64)
+        if name in STANDARDISED:
+            clean, degraded = standardised(clean, degraded)
+        row = {"method": name, "dim": clean.shape[1], "ms_per_map": 1000 * seconds}
+        row["clean_top1"], row["clean_top5"] = hit_rates(clean, clean, entry, entry, itself)
+        row["hard_top1"], row["hard_top5"] = hit_rates(degraded, clean, entry, entry, itself)
+        if multi.any():
+            row["structure_top1"], row["structure_top5"] = hit_rates(
+                clean[multi], clean, group[multi], group, same_entry[multi])
+        rows.append(row)
+        print(f"  {name}: done ({row['ms_per_map']:.0f} ms/map)", file=sys.stderr, flush=True)
+    return {"maps": n, "entries": len(set(entry)), "structure_queries": int(multi.sum()),
+            "checkpoint_id": loaded.checkpoint_id, "rows": rows}
+
+
+def environment(args) -> dict:
+    import torch
+
+    from _machine import cpu_name
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{cpu_name()}, {os.cpu_count()} cores", "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads(),
+        "settings": {k: v for k, v in vars(args).items() if k != "json"},
+    }
+
+
+def table(result: dict) -> str:
+    lines = ["| method | dim | clean top-1 | clean top-5 | hard top-1 | hard top-5 | same structure top-1 | ms/map |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        structure = f"{r['structure_top1']:.2f}" if "structure_top1" in r else "–"
+        lines.append(f"| {r['method']} | {r['dim']} | {r['clean_top1']:.2f} | {r['clean_top5']:.2f} | "
+                     f"{r['hard_top1']:.2f} | {r['hard_top5']:.2f} | {structure} | {r['ms_per_map']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--checkpoint", default="bundled:swan")
+    p.add_argument("--head", default=None, help="an embedding head file (default: the one beside the checkpoint)")
+    p.add_argument("--splits", nargs="+", default=["val", "test"], choices=("train", "val", "test"))
+    p.add_argument("--max-maps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    env = environment(args)
+    result = run(args)
+    print(json.dumps(env, indent=1))
+    print(f"\n{result['maps']} maps of {result['entries']} entries; {result['structure_queries']} same-structure queries\n")
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**env, **result}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The map embedding: canonical density, pose, shell features, the invariance head and its file."""
+
+import numpy as np
+import pytest
+import torch
+
+from napari_cryoswan.checkpoint import load_checkpoint
+from napari_cryoswan.embedding import (
+    Embedder,
+    EmbeddingError,
+    canonical_box,
+    degraded_copy,
+    head_beside,
+    load_head,
+    posed_box,
+    principal_pose,
+    save_head,
+)
+from napari_cryoswan.preprocess import rotate
+from training import train_embedding
+
+
+def _asymmetric(seed: int, size: int = 64) -> np.ndarray:
+    """Three Gaussian blobs of different sizes and weights: distinct inertia axes and a third
+    moment on each of them, so the pose is well defined."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices((size,) * 3).astype(np.float32)
+    box = np.zeros((size,) * 3, np.float32)
+    for weight, width in zip((1.0, 0.7, 0.5), (4.0, 3.0, 2.5)):
+        centre = size / 2 + rng.uniform(-9, 9, 3)
+        box += weight * np.exp(-((grid - centre[:, None, None, None]) ** 2).sum(0) / (2 * width**2))
+    return (box - box.mean()) / box.std()
+
+
+def _turn(seed: int) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.random(random_state=seed).as_matrix()
+
+
+def _correlation(a, b) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+@pytest.fixture(scope="module")
+def swan(small_checkpoints):
+    return load_checkpoint(small_checkpoints["swan"])
+
+
+def test_a_rotated_copy_is_posed_like_its_original():
+    original = _asymmetric(0)
+    turned = rotate(original, _turn(1))
+    assert _correlation(original, turned) < 0.5  # the rotation matters before posing
+    assert _correlation(posed_box(original), posed_box(turned)) > 0.95
+
+
+def test_the_pose_is_a_proper_rotation_with_axes_by_spread():
+    centre, axes = principal_pose(_asymmetric(2))
+    assert np.allclose(axes @ axes.T, np.eye(3), atol=1e-8) and np.linalg.det(axes) == pytest.approx(1.0)
+    posed = posed_box(_asymmetric(2))
+    spread = [np.average((np.indices(posed.shape)[k] - 31.5) ** 2, weights=np.clip(posed, 0, None))
+              for k in range(3)]
+    assert spread[0] > spread[1] > spread[2]
+
+
+def test_the_canonical_density_is_zscored_and_zero_below_the_contour():
+    box = canonical_box(_asymmetric(3) + np.random.default_rng(0).normal(0, 1, (64,) * 3))
+    assert abs(box.mean()) < 1e-5 and box.std() == pytest.approx(1.0, rel=1e-4)
+    assert (box == box.min()).mean() > 0.5  # the background is one value: masked
+
+
+def test_a_degraded_copy_is_seeded_and_still_correlates_once_posed():
+    original = _asymmetric(4)
+    first = degraded_copy(original, np.random.default_rng(7))
+    assert np.array_equal(first, degraded_copy(original, np.random.default_rng(7)))
+    assert not np.array_equal(first, degraded_copy(original, np.random.default_rng(8)))
+    assert _correlation(posed_box(canonical_box(original)), posed_box(canonical_box(first))) > 0.7
+
+
+def test_rotated_copies_are_the_nearest_maps_without_a_head():
+    """With the bundled encoder (an untrained one's features swing with any change of input)."""
+    from napari_cryoswan.checkpoint import bundled_checkpoint_path
+
+    embedder = Embedder(load_checkpoint(bundled_checkpoint_path("swan")).model, None)
+    assert embedder.head is None and embedder.version.endswith("+no-head")
+    gallery = np.stack([_asymmetric(seed) for seed in (10, 11, 12, 13)])
+    queries = np.stack([rotate(box, _turn(5 + k)) for k, box in enumerate(gallery)])
+    vectors, query_vectors = embedder.embed(gallery), embedder.embed(queries)
+    distances = ((query_vectors[:, None] - vectors[None]) ** 2).sum(-1)
+    assert list(distances.argmin(1)) == [0, 1, 2, 3]
+
+
+def _labelled_features(seed: int = 0):
+    """Six classes of 8 views each in 20 dimensions: class means apart, views spread."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 3, (6, 20))
+    labels = np.repeat(np.arange(6), 8)
+    return (means[labels] + rng.normal(0, 1, (48, 20))).astype(np.float32), labels
+
+
+def test_the_head_brings_views_of_one_shape_together_and_round_trips(swan, tmp_path):
+    features, labels = _labelled_features()
+    head = train_embedding.fit_head(features, labels, autoencoder_id=swan.checkpoint_id, steps=150)
+    vectors = head.apply(torch.from_numpy(features))
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    distances = ((vectors[:, None] - vectors[None]) ** 2).sum(-1) + np.diag(np.full(48, np.inf))
+    assert (labels[distances.argmin(1)] == labels).mean() > 0.95
+    path = save_head(tmp_path / "model.embedding.pt", head)
+    again = load_head(path)
+    assert again.head_id == head.head_id
+    assert np.allclose(again.apply(torch.from_numpy(features)), vectors, atol=1e-6)
+    with pytest.raises(FileExistsError):
+        save_head(path, head)
+
+
+def test_a_head_saved_beside_its_checkpoint_is_found_and_another_ones_refused(swan, small_checkpoints, tmp_path):
+    import shutil
+
+    checkpoint = shutil.copy(small_checkpoints["swan"], tmp_path / "mine.pt")
+    loaded = load_checkpoint(checkpoint)
+    features, labels = _labelled_features()
+    features = np.random.default_rng(0).normal(0, 1, (48, 160)).astype(np.float32)
+    save_head(head_beside(checkpoint), train_embedding.fit_head(features, labels, autoencoder_id=loaded.checkpoint_id,
+                                                                steps=2))
+    embedder = Embedder.for_checkpoint(loaded)
+    assert embedder.head is not None and embedder.version.split("+")[1] == embedder.head.head_id
+    other = load_checkpoint(small_checkpoints["swan-rq1"])
+    with pytest.raises(EmbeddingError, match="Train a head for this checkpoint"):
+        Embedder.for_checkpoint(other, head_beside(checkpoint))
+
+
+def test_a_damaged_head_file_says_what_to_do(tmp_path):
+    bad = tmp_path / "bad.embedding.pt"
+    bad.write_bytes(b"not a head" * 10)
+    with pytest.raises(EmbeddingError, match="train_embedding"):
+        load_head(bad)
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(EmbeddingError, match="not an embedding head"):
+        load_head(tmp_path / "other.pt")
+    with pytest.raises(EmbeddingError, match="no such"):
+        load_head(tmp_path / "missing.embedding.pt")
+
+
+def test_train_embedding_writes_a_head_that_the_embedder_uses(tiny_corpus, small_checkpoints, tmp_path, capsys):
+    import shutil
+
+    checkpoint = shutil.copy(small_checkpoints["swan"], tmp_path / "model.pt")
+    out = head_beside(checkpoint)
+    assert train_embedding.main(["--checkpoint", str(checkpoint), "--corpus", str(tiny_corpus), "--out", str(out),
+                                 "--steps", "3", "--device", "cpu"]) == 0
+    head = load_head(out)
+    assert head.provenance["split"] == "train" and head.provenance["degraded"] == 1
+    assert train_embedding.main(["--checkpoint", str(checkpoint), "--corpus", str(tiny_corpus), "--out", str(out),
+                                 "--device", "cpu"]) == 2
+    assert "exists" in capsys.readouterr().err
+    embedder = Embedder.for_checkpoint(load_checkpoint(checkpoint))
+    vectors = embedder.embed(np.stack([_asymmetric(20), _asymmetric(21)]))
+    assert vectors.shape == (2, head.out) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)

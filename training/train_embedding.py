@@ -1,0 +1,127 @@
+"""Train the invariance head of a checkpoint's map embedding (``napari_cryoswan.embedding``).
+
+    python -m training.train_embedding --checkpoint bundled:swan --corpus corpus_default \\
+        --out swan.embedding.pt
+
+Every map of the training split is seen as it is and as ``--degraded`` degraded copies
+(``embedding.degraded_copy``: another rotation, a blur, noise, another contour); the frozen
+encoder turns each into shell features, once. A small MLP then learns, with a supervised
+contrastive loss (Khosla et al. 2020), to bring the views of one shape together: the corpus's
+five rotations of an entry and their degraded copies are one class, every other entry another.
+The head records the checkpoint id of its encoder; ``Embedder.for_checkpoint`` finds it when it
+is saved beside the checkpoint (``swan.pt`` → ``swan.embedding.pt``). The split must be one the
+autoencoder was trained on, so that the maps retrieval is measured on stay unseen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+
+def view_features(embedder, corpus, indices, *, degraded: int, seed: int, progress=None):
+    """(features (M, F), class labels (M,)) of each map's clean view and ``degraded`` copies."""
+    from napari_cryoswan.embedding import degraded_copy
+
+    rng = np.random.default_rng(seed)
+    features, labels = [], []
+    for done, i in enumerate(indices, start=1):
+        box = corpus.load(int(i))
+        views = [box] + [degraded_copy(box, rng) for _ in range(degraded)]
+        features.append(embedder.features(np.stack(views), batch_size=len(views)))
+        labels += [corpus.samples[int(i)]["entry_id"]] * len(views)
+        if progress is not None:
+            progress(done, len(indices))
+    return np.concatenate(features), np.unique(labels, return_inverse=True)[1]
+
+
+def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: str, steps: int = 600,
+             temperature: float = 0.1, jitter: float = 0.1, seed: int = 0, provenance: dict | None = None):
+    """An ``EmbeddingHead`` fitted by full-batch supervised contrastive learning.
+
+    ``jitter``: Gaussian noise added to the standardised features at each step, a cheap
+    augmentation on top of the degraded views.
+    """
+    import torch
+
+    from napari_cryoswan.embedding import EmbeddingHead, build_head_network
+
+    torch.manual_seed(seed)
+    mean, std = features_MF.mean(0), features_MF.std(0) + 1e-6
+    x_MF = torch.from_numpy((features_MF - mean) / std).float()
+    labels = torch.from_numpy(labels_M)
+    positives = (labels[:, None] == labels[None]).float().fill_diagonal_(0)
+    if not positives.sum(1).all():
+        raise ValueError("Every class needs two views or more: use --degraded 1 or more.")
+    net = build_head_network(x_MF.shape[1])
+    optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
+    self_mask = torch.eye(len(x_MF), dtype=torch.bool)
+    for _ in range(steps):
+        e_MD = torch.nn.functional.normalize(net(x_MF + jitter * torch.randn_like(x_MF)), dim=1)
+        log_p = (e_MD @ e_MD.T / temperature).masked_fill(self_mask, -1e9).log_softmax(1)
+        loss = (-(log_p * positives).sum(1) / positives.sum(1)).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return EmbeddingHead(autoencoder_id, mean.astype(np.float32), std.astype(np.float32), state,
+                         provenance={**(provenance or {}), "final_loss": float(loss.detach())})
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m training.train_embedding", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="the autoencoder (a file or bundled:NAME)")
+    p.add_argument("--corpus", required=True, help="the corpus the autoencoder was trained on")
+    p.add_argument("--split", default="train", choices=("train", "val", "test"))
+    p.add_argument("--degraded", type=int, default=1, help="degraded copies per map (default 1)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the head file to write (NAME.embedding.pt beside the checkpoint)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from napari_cryoswan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+    from napari_cryoswan.embedding import Embedder, save_head
+    from napari_cryoswan.engine import choose_device
+    from training.corpus import Corpus, CorpusError
+
+    args = parse_args(argv)
+    if Path(args.out).exists() and not args.overwrite:
+        print(f"{args.out} exists: choose another --out, or pass --overwrite.", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
+        corpus = Corpus(args.corpus)
+    except (CheckpointError, CorpusError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    embedder = Embedder(loaded.model, None, device=choose_device(args.device))
+    indices = corpus.split_indices(args.split)
+    start = time.perf_counter()
+    with tqdm(total=len(indices), desc="encoding views", unit="map") as bar:
+        features, labels = view_features(embedder, corpus, indices, degraded=args.degraded, seed=args.seed,
+                                         progress=lambda done, total: bar.update(1))
+    provenance = {"corpus_id": corpus.corpus_id, "split": args.split, "maps": len(indices),
+                  "classes": int(labels.max() + 1), "degraded": args.degraded, "steps": args.steps,
+                  "seed": args.seed, "checkpoint_file": loaded.path.name}
+    head = fit_head(features, labels, autoencoder_id=loaded.checkpoint_id, steps=args.steps, seed=args.seed,
+                    provenance=provenance)
+    save_head(args.out, head, overwrite=args.overwrite)
+    print(f"{args.out}: head {head.head_id} for checkpoint {loaded.checkpoint_id}, {len(features)} views of "
+          f"{provenance['classes']} shapes, final loss {head.provenance['final_loss']:.3f}, "
+          f"{time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
