@@ -207,6 +207,16 @@ def test_a_corpus_index_carries_the_manifest_metadata(tiny_corpus, small_checkpo
         assert row["name"].startswith(row["entry_id"] + "_r") and row["box_shape"] and row["voxel_size"]
 
 
+def test_a_corpus_index_can_hold_one_orientation_of_each_entry(tiny_corpus, small_checkpoints, tmp_path):
+    out = tmp_path / "index"
+    assert build_index.main(["--corpus", str(tiny_corpus), "--rotations", "0", "--checkpoint",
+                             str(small_checkpoints["swan"]), "--out", str(out), "--device", "cpu",
+                             "--quiet"]) == 0
+    rows = open_index(out).rows
+    assert len(rows) == 3 and all(row["rotation_index"] == 0 for row in rows)
+    assert {row["split"] for row in rows} == {"train", "val", "test"}
+
+
 # --- codes ------------------------------------------------------------------------------------------
 
 

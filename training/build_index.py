@@ -119,9 +119,10 @@ def _map_loader(path: Path, contract):
     return load
 
 
-def corpus_sources(folder: str | os.PathLike, contract, splits: Sequence[str] | None = None) -> list[Source]:
-    """The samples of a corpus (of ``splits``, all when None), in manifest order. The corpus must
-    hold the boxes the checkpoint takes."""
+def corpus_sources(folder: str | os.PathLike, contract, splits: Sequence[str] | None = None,
+                   rotations: Sequence[int] | None = None) -> list[Source]:
+    """The samples of a corpus (of ``splits``, all when None; of the ``rotations`` indices, all
+    when None), in manifest order. The corpus must hold the boxes the checkpoint takes."""
     from training.corpus import Corpus
 
     corpus = Corpus(folder)
@@ -132,6 +133,8 @@ def corpus_sources(folder: str | os.PathLike, contract, splits: Sequence[str] | 
             "corpus built for it, or give the maps with --maps.")
     ids = (range(len(corpus)) if not splits
            else sorted(int(i) for split in dict.fromkeys(splits) for i in corpus.split_indices(split)))
+    if rotations is not None:
+        ids = [i for i in ids if corpus.samples[i].get("rotation_index", 0) in set(rotations)]
     return [Source(corpus_row(corpus, i)["key"], corpus.samples[i]["sample_id"], _corpus_loader(corpus, i))
             for i in ids]
 
@@ -357,6 +360,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--corpus", metavar="DIR", help="a corpus folder from training.build_corpus")
     p.add_argument("--split", nargs="+", choices=("train", "val", "test"),
                    help="with --corpus: index only these splits (default: all)")
+    p.add_argument("--rotations", nargs="+", type=int, metavar="I",
+                   help="with --corpus: index only the samples of these rotation indices (0: one orientation "
+                        "of each entry; default: all)")
     p.add_argument("--checkpoint", required=True,
                    help="a checkpoint file (.pt), or bundled:swan / bundled:swan-rq1 for the shipped weights")
     p.add_argument("--out", required=True, help="the index folder: created, or extended when it exists")
@@ -388,7 +394,7 @@ def main(argv=None) -> int:
         checkpoint = load_checkpoint(resolve_checkpoint(args.checkpoint))
         refused = []
         if args.corpus:
-            sources = corpus_sources(args.corpus, checkpoint.contract, args.split)
+            sources = corpus_sources(args.corpus, checkpoint.contract, args.split, args.rotations)
         else:
             sources, refused = map_sources(args.maps, checkpoint.contract)
         barrier, teardown = _distributed_barrier(world)
