@@ -53,6 +53,7 @@ from napari_cryoswan.projection import (
     find_hubs,
     fit_projection,
     hub_labels,
+    hub_stability,
     place,
 )
 
@@ -83,6 +84,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--embedding-max-n", type=int, default=20000,
                         help="skip cluster_on=embedding above this N (HDBSCAN in D dims is near-quadratic)")
+    parser.add_argument("--index", type=Path, default=None,
+                        help="measure hub stability on a real index's embeddings instead of synthetic data")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args()
 
@@ -222,9 +225,44 @@ def bench_size(n: int, separation: float, args) -> dict:
     return result
 
 
+def bench_index(args) -> list[dict]:
+    """Hub stability across UMAP seeds on an index's embeddings, hubs found on the projection
+    and on the embedding, with each hub's anchor and first members by name (seed 0)."""
+    from napari_cryoswan.index import open_index
+
+    index = open_index(args.index)
+    rows = []
+    for space in ("projection", "embedding"):
+        stability = hub_stability(index.embeddings, seeds=tuple(args.seeds), min_size=args.min_size,
+                                  min_samples=args.min_samples, cluster_on=space)
+        coords = fit_projection(index.embeddings, seed=args.seeds[0]) if space == "projection" else None
+        hubs = find_hubs(index.embeddings, coords, min_size=args.min_size, min_samples=args.min_samples,
+                         cluster_on=space)
+        rows.append({"space": space, "maps": len(index), **{k: v for k, v in stability.items() if k != "pair_ari"},
+                     "hubs": [[index.rows[m]["name"] for m in hub.members[:6]] for hub in hubs]})
+    return rows
+
+
 def main() -> None:
     args = parse_args()
     env = environment()
+    if args.index is not None:
+        rows = bench_index(args)
+        print(f"# bench_hubs on {args.index}\n")
+        for key, value in env.items():
+            print(f"- {key}: {value}")
+        print("\n| hubs found on | maps | hubs per seed | maps in a hub | seed ARI mean / min | partner Jaccard |")
+        print("|---|---:|---|---|---|---:|")
+        for r in rows:
+            print(f"| {r['space']} | {r['maps']} | {r['n_hubs']} | {[round(x, 2) for x in r['hubbed_share']]} "
+                  f"| {r['ari_mean']:.2f} / {r['ari_min']:.2f} | {r['partner_jaccard_mean']:.2f} |")
+        for r in rows:
+            print(f"\nHubs on the {r['space']} (seed {args.seeds[0]}; anchor first):")
+            for k, names in enumerate(r["hubs"]):
+                print(f"- {k}: {', '.join(names)}")
+        if args.json:
+            args.json.write_text(json.dumps({"environment": env, "index": rows}, indent=2))
+        return
     # The first UMAP in a process pays for importing umap and numba's compilation; time that
     # once, on a small input, so the per-fit medians below are steady-state.
     warm_up = np.random.default_rng(0).normal(size=(300, args.dims)).astype(np.float32)
