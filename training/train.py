@@ -477,10 +477,17 @@ def _interrupt_on_sigterm() -> None:
 
 
 def main(argv=None) -> int:
-    settings = parse_args(argv)
+    return run_command(train, parse_args(argv))
+
+
+def run_command(train_function, settings, refused: tuple = ()) -> int:
+    """Run a trainer as a command: its exit status, and a sentence for each way it can stop.
+
+    ``refused``: further exception types that mean "bad input" (status 2).
+    """
     try:
-        path = train(settings)
-    except (RunFolderError, FileNotFoundError, ValueError) as err:
+        path = train_function(settings)
+    except (RunFolderError, FileNotFoundError, ValueError, *refused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -92,11 +92,13 @@ def save_checkpoint(
     contract: InputContract | None = None,
     kind: str = "autoencoder",
     overwrite: bool = False,
+    extra: dict | None = None,
 ) -> Path:
     """Write ``model`` (weights, config, provenance) atomically: a temporary file, then a rename.
 
     ``contract``: the input the model was trained on (training passes its corpus's box and
     voxel size); None means the paper's preprocessing, ``PreprocessSettings()``.
+    ``extra``: further top-level entries of plain types (a diffusion model's autoencoder).
     """
     import torch
 
@@ -125,6 +127,7 @@ def save_checkpoint(
     }
     if training is not None:
         payload["training"] = training
+    payload.update(extra or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp_name:
         torch.save(payload, tmp_name)
