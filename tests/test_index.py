@@ -316,11 +316,24 @@ def test_search_says_what_is_missing(built, maps, tmp_path, capsys):
     # an index of a checkpoint that is not bundled needs it named
     assert search.main([str(built), str(maps / "alpha.mrc")]) == 2
     assert "give that checkpoint with --checkpoint" in capsys.readouterr().err
+    assert search.main([str(tmp_path), str(maps / "alpha.mrc")]) == 2
+    assert "not a latent index" in capsys.readouterr().err
+
+
+def test_search_reads_the_bundled_index(maps, capsys):
+    assert search.main(["bundled", str(maps / "alpha.mrc"), "--k", "3", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    distances = [n["distance"] for n in result["neighbours"]]
+    assert len(distances) == 3 and distances == sorted(distances)
+
+
+def test_a_build_without_the_bundled_index_says_how_to_make_one(maps, monkeypatch, tmp_path, capsys):
+    import importlib.resources
+
+    monkeypatch.setattr(importlib.resources, "files", lambda package: tmp_path)
     assert search.main(["bundled", str(maps / "alpha.mrc")]) == 2
     message = capsys.readouterr().err
     assert "No latent index ships" in message and "python -m training.build_index" in message
-    assert search.main([str(tmp_path), str(maps / "alpha.mrc")]) == 2
-    assert "not a latent index" in capsys.readouterr().err
 
 
 # --- damaged indexes --------------------------------------------------------------------------------

@@ -43,7 +43,9 @@ def test_wheel_holds_the_manifest_data_and_training(wheel):
     assert "napari-cryoswan = napari_cryoswan:napari.yaml" in entry_points
     assert {"napari_cryoswan/data/4JSV.pdb.gz", "napari_cryoswan/data/emd_3197.map.gz",
             "napari_cryoswan/checkpoints/swan.pt", "napari_cryoswan/checkpoints/swan-rq1.pt",
-            "napari_cryoswan/checkpoints/swan.embedding.pt", "training/__init__.py", "training/recipes/default_corpus.sha256"} <= names
+            "napari_cryoswan/checkpoints/swan.embedding.pt", "napari_cryoswan/data/index/manifest.json",
+            "napari_cryoswan/data/index/shards/00000.codes.npy", "napari_cryoswan/data/index/projection/meta.json",
+            "training/__init__.py", "training/recipes/default_corpus.sha256"} <= names
 
 
 def test_wheel_holds_every_file_of_both_packages(wheel):

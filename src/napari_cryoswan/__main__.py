@@ -13,7 +13,7 @@ import logging
 
 logger = logging.getLogger("napari_cryoswan")
 
-WIDGETS = ("Reconstruct (Cryo-SWAN)", "FSC plot", "Open EMDB entry")
+WIDGETS = ("Reconstruct (Cryo-SWAN)", "FSC plot", "Open EMDB entry", "Latent explorer")
 
 
 def main(argv=None) -> None:

@@ -18,6 +18,21 @@ from .checkpoint import CheckpointError, LoadedCheckpoint, checkpoint_file, load
 from .denoise import METHODS as DENOISE_METHODS  # names and summaries, for the widgets
 from .denoise import DenoisedMap, denoise_map, method_named
 from .engine import Cancelled  # noqa: F401 (what a cancelled use case raises, for the widgets)
+from .explorer import (  # noqa: F401 (the explorer's pure helpers, for its widget)
+    DecodedEntry,
+    ExplorerError,
+    ExplorerIndex,
+    Projection,
+    SimilarMaps,
+    entry_layer_data,
+    entry_layer_name,
+    entry_metadata,
+    grid_translations,
+    nearest_to_centre,
+    rows_in_box,
+    rows_in_polygon,
+)
+from .index import LatentIndexError
 from .io import DensityMap
 from .reconstruction import (
     ReconstructionResult,
@@ -45,6 +60,7 @@ class Session:
     def __init__(self, device: str = "auto"):
         self.device_name = device
         self._checkpoints: dict[tuple, LoadedCheckpoint] = {}
+        self._indexes: dict[tuple, ExplorerIndex] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -182,6 +198,118 @@ class Session:
                              params=params, device=device, stage=stage, should_stop=should_stop)
         result.notes[:0] = input_concerns(density, settings, estimate_outside=False)
         return result
+
+    # --- the latent explorer -------------------------------------------------------------
+
+    def open_index(self, path: str | os.PathLike | None = None,
+                   checkpoint: str | os.PathLike | None = None) -> ExplorerIndex:
+        """A latent index opened for exploring, with the checkpoint that built it; read once per
+        version of its manifest and then served from memory (with its projection).
+
+        Args:
+            path: an index folder; None (or '') for the one shipped in the package.
+            checkpoint: the checkpoint the index was built with. Not needed for an index of a
+                bundled checkpoint, nor when that checkpoint file lies in or beside the index
+                folder; any other checkpoint is refused.
+
+        Raises:
+            LatentIndexError: no bundled index, not an index, a damaged one, or one that this
+                checkpoint (or this installation's bundled one, or its embedding head) did not
+                build; the message says what to do.
+        """
+        from .index import bundled_index_path, open_index_for, read_manifest
+
+        bundled = path is None or str(path).strip() in ("", ".")
+        folder = bundled_index_path() if bundled else Path(path)
+        if not folder.is_dir():
+            raise LatentIndexError(f"{folder}: no such folder. Choose a latent index folder "
+                                   "(python -m training.build_index builds one).")
+        manifest = read_manifest(folder)
+        stat = (folder / "manifest.json").stat()
+        given = None if checkpoint is None or str(checkpoint).strip() in ("", ".") else str(checkpoint)
+        key = (str(folder.resolve()), stat.st_mtime_ns, stat.st_size, given)
+        with self._lock:
+            cached = self._indexes.get(key)
+        if cached is not None:
+            return cached
+        loaded = self._index_checkpoint(manifest, folder, given)
+        explorer = ExplorerIndex(open_index_for(folder, loaded), loaded,
+                                 "bundled index" if bundled else folder.name)
+        with self._lock:
+            self._indexes = {k: v for k, v in self._indexes.items() if k[0] != key[0]}
+            self._indexes[key] = explorer
+        return explorer
+
+    def explore(self, explorer: ExplorerIndex, *, refit: bool = False, seed: int | None = None,
+                stage: Stage | None = None) -> Projection:
+        """The index's UMAP and hubs: stored with the index (read, or fitted once and stored
+        there; ``explorer.projection_of``), kept with the opened index."""
+        from .explorer import projection_of
+
+        if explorer.projection is None or refit or (seed is not None and explorer.projection.meta.get("seed") != seed):
+            explorer.projection = projection_of(explorer.index, seed=seed, refit=refit, progress=stage)
+            if explorer.projection.note:
+                explorer.notes = [explorer.projection.note]
+        return explorer.projection
+
+    def find_similar(self, density: DensityMap, explorer: ExplorerIndex, k: int = 8, *,
+                     contour_level: float | None = None, decode: bool = True,
+                     should_stop=None, stage: Stage | None = None) -> SimilarMaps:
+        """The ``k`` maps of the index nearest to a map: preprocessed for the index's checkpoint
+        contract, embedded with the index's own embedder, placed on its projection; with
+        ``decode``, the neighbours are decoded for display (``result.maps``)."""
+        from .explorer import find_similar
+
+        self.explore(explorer, stage=stage)
+        return find_similar(explorer, density, k=k, device=self.device, contour_level=contour_level,
+                            decode=decode, stage=stage, should_stop=should_stop)
+
+    def open_neighbours(self, explorer: ExplorerIndex, rows, *, should_stop=None,
+                        stage: Stage | None = None) -> list[DecodedEntry]:
+        """Index entries (rows, or ``index.Neighbour`` from ``explorer.neighbours``, hub members
+        or a search) decoded from their codes, with their metadata and distance."""
+        from .explorer import decode_rows
+
+        return decode_rows(explorer, list(rows), device=self.device, stage=stage, should_stop=should_stop)
+
+    def _index_checkpoint(self, manifest: dict, folder: Path, given: str | None) -> LoadedCheckpoint:
+        """The checkpoint an index records: the one given (which must be it), the bundled one
+        it names, one already loaded with its id, or its file in or beside the index folder."""
+        from .index import BUILD_COMMAND
+
+        recorded = manifest["checkpoint"]
+        built_with = f"{recorded['file']} (id {recorded['id']})"
+        if given is not None:
+            loaded = self.checkpoint(given)
+            if loaded.checkpoint_id != recorded["id"]:
+                raise LatentIndexError(
+                    f"{folder} was built with the checkpoint {built_with}, not with "
+                    f"{loaded.path.name} (id {loaded.checkpoint_id}): its distances and codes mean "
+                    f"nothing to another model. Choose {recorded['file']}, or rebuild the index for "
+                    f"this checkpoint: {BUILD_COMMAND}.")
+            return loaded
+        if recorded.get("bundled"):
+            from .checkpoint import bundled_checkpoint_path
+
+            loaded = self.checkpoint(bundled_checkpoint_path(recorded["bundled"]))
+            if loaded.checkpoint_id != recorded["id"]:
+                raise LatentIndexError(
+                    f"{folder} was built with the bundled {recorded['bundled']} checkpoint {recorded['id']}, "
+                    f"but this installation's is {loaded.checkpoint_id}: rebuild the index "
+                    f"({BUILD_COMMAND}), or choose the checkpoint file it was built with.")
+            return loaded
+        with self._lock:
+            for loaded in self._checkpoints.values():
+                if loaded.checkpoint_id == recorded["id"] and loaded.kind == "autoencoder":
+                    return loaded
+        for candidate in (folder / recorded["file"], folder.parent / recorded["file"]):
+            if candidate.is_file():
+                loaded = self.checkpoint(candidate)
+                if loaded.checkpoint_id == recorded["id"]:
+                    return loaded
+        raise LatentIndexError(
+            f"{folder} was built with the checkpoint {built_with}, which is not a bundled one: "
+            "choose that checkpoint file to open it.")
 
 
 def bundled_checkpoint(name: str) -> str:
