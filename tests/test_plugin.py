@@ -190,6 +190,14 @@ def test_open_samples(make_napari_viewer, key, name, voxel):
     assert [str(u) for u in layer.units] == ["angstrom"] * 3
 
 
+def test_every_sample_opens_with_density_above_its_contour(make_napari_viewer):
+    """EMD-3197's 20³ box has no voxel above mean + 2 s.d.: it must not open invisible."""
+    viewer = make_napari_viewer()
+    for key in ("emd_3197", "simulated_4jsv"):
+        layer = viewer.open_sample("napari-cryoswan", key)[0]
+        assert (layer.data > layer.iso_threshold).mean() > 0.001
+
+
 def test_simulated_sample_is_a_64_box_of_real_density(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.open_sample("napari-cryoswan", "simulated_4jsv")

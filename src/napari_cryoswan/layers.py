@@ -61,7 +61,10 @@ def default_contour(data: np.ndarray, recommended: float | None = None) -> float
     if recommended is not None:
         return float(recommended)
     sample = np.asarray(data[tuple(slice(None, None, max(1, n // 128)) for n in data.shape)])
-    return float(sample.mean() + 2.0 * sample.std())
+    level, top = float(sample.mean() + 2.0 * sample.std()), float(sample.max())
+    # A small box filled with density (EMD-3197: a 20³ membrane patch) can have no voxel above
+    # mean + 2 s.d., and the map would open invisible: halfway from the mean to the top instead.
+    return level if level < top else float(sample.mean() + 0.5 * (top - sample.mean()))
 
 
 def voxel_size_of(scale, units) -> tuple[float, float, float] | None:
