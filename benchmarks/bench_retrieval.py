@@ -18,7 +18,8 @@ Methods: ``raw voxels``, ``radial spectrum``, ``3-D Zernike`` (order 10, no pre-
 ``3-D Zernike σ2`` (both sides pre-filtered, σ = 2 voxels: its fair preprocessing for noisy
 queries), from ``napari_cryoswan.descriptors``; ``pooled latent`` (each level's latent averaged
 over the box, as the paper's UMAP pools it); ``SWAN shells`` (the embedding recipe without its
-head) and ``SWAN embedding`` (with the checkpoint's invariance head, when it has one).
+head) and ``SWAN embedding`` (with the checkpoint's invariance head, when it has one);
+``--ablations`` adds the recipe without its pose step and without its canonical density.
 
     python benchmarks/bench_retrieval.py --corpus corpus_default --checkpoint bundled:swan \\
         --splits val test --seed 0 --json retrieval.json
@@ -61,7 +62,7 @@ def pooled_latent_embedder(model):
     return embed
 
 
-def methods(loaded, head_path=None) -> dict:
+def methods(loaded, head_path=None, ablations: bool = False) -> dict:
     from napari_cryoswan.descriptors import describe_boxes
     from napari_cryoswan.embedding import Embedder
 
@@ -73,6 +74,9 @@ def methods(loaded, head_path=None) -> dict:
         "pooled latent": pooled_latent_embedder(loaded.model),
         "SWAN shells": Embedder(loaded.model, None).embed,
     }
+    if ablations:  # what steps 1 and 2 of the recipe buy, without the head
+        found["SWAN shells, no pose"] = Embedder(loaded.model, None, steps=("canonical",)).embed
+        found["SWAN shells, no canonical density"] = Embedder(loaded.model, None, steps=("pose",)).embed
     embedder = Embedder.for_checkpoint(loaded, head_path)
     if embedder.head is not None:
         found["SWAN embedding"] = embedder.embed
@@ -91,7 +95,7 @@ def hit_rates(queries_ND, gallery_MD, query_labels, gallery_labels, excluded_QM)
 # Latent features have arbitrary units per channel: each is scaled by its spread over the clean
 # maps, so that no channel's units decide the distance (the embedding's head standardises its
 # input itself). The descriptors are compared as their authors define them.
-STANDARDISED = ("pooled latent", "SWAN shells")
+STANDARDISED = ("pooled latent", "SWAN shells", "SWAN shells, no pose", "SWAN shells, no canonical density")
 
 
 def standardised(clean_ND, *others):
@@ -119,7 +123,7 @@ def run(args) -> dict:
     same_entry = entry[:, None] == entry[None]
     multi = np.array([len(set(entry[group == g])) > 1 for g in group])
     rows = []
-    for name, embed in methods(loaded, args.head).items():
+    for name, embed in methods(loaded, args.head, args.ablations).items():
         start = time.perf_counter()
         clean = np.asarray(embed(boxes), np.float64)
         seconds = (time.perf_counter() - start) / n
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--splits", nargs="+", default=["val", "test"], choices=("train", "val", "test"))
     p.add_argument("--max-maps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ablations", action="store_true",
+                   help="also the embedding recipe without its pose step, and without its canonical density")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     env = environment(args)

@@ -90,6 +90,13 @@ def test_rotated_copies_are_the_nearest_maps_without_a_head():
     assert list(distances.argmin(1)) == [0, 1, 2, 3]
 
 
+def test_a_recipe_without_a_step_names_itself(swan):
+    box = _asymmetric(30)[None]
+    full, unposed = Embedder(swan.model, None), Embedder(swan.model, None, steps=("canonical",))
+    assert unposed.version != full.version and "-no-pose" in unposed.version
+    assert not np.allclose(full.features(box), unposed.features(box))
+
+
 def _labelled_features(seed: int = 0):
     """Six classes of 8 views each in 20 dimensions: class means apart, views spread."""
     rng = np.random.default_rng(seed)

@@ -244,8 +244,11 @@ class Embedder:
     have none: docs/EXPLORER.md measures how much weaker it is).
     """
 
-    def __init__(self, model, head: EmbeddingHead | None = None, *, device=None):
-        self.model, self.head, self.device = model, head, device
+    def __init__(self, model, head: EmbeddingHead | None = None, *, device=None,
+                 steps: tuple[str, ...] = ("canonical", "pose")):
+        """``steps``: which of steps 1 and 2 run ("canonical", "pose"); fewer only to measure
+        what each buys (benchmarks/bench_retrieval.py --ablations)."""
+        self.model, self.head, self.device, self.steps = model, head, device, tuple(steps)
 
     @classmethod
     def for_checkpoint(cls, loaded, head: str | os.PathLike | None = None, *, device=None) -> Embedder:
@@ -265,7 +268,12 @@ class Embedder:
     @property
     def version(self) -> str:
         """The recipe and the head's content hash: what an index must match."""
-        return f"{RECIPE}+{self.head.head_id if self.head else 'no-head'}"
+        skipped = "".join(f"-no-{step}" for step in ("canonical", "pose") if step not in self.steps)
+        return f"{RECIPE}{skipped}+{self.head.head_id if self.head else 'no-head'}"
+
+    def _prepared(self, box: np.ndarray) -> np.ndarray:
+        box = canonical_box(box) if "canonical" in self.steps else np.asarray(box, np.float32)
+        return posed_box(box) if "pose" in self.steps else box
 
     def features(self, boxes: np.ndarray, batch_size: int = 4, progress: Progress | None = None,
                  should_stop=None) -> np.ndarray:
@@ -274,8 +282,8 @@ class Embedder:
 
         device = self.device or choose_device()
         model = self.model.to(device).eval()
-        posed = np.stack([posed_box(canonical_box(b)) for b in boxes])
-        parts = map_batches(lambda x: shell_features(model, x), posed, device, batch_size, progress, should_stop)
+        prepared = np.stack([self._prepared(b) for b in boxes])
+        parts = map_batches(lambda x: shell_features(model, x), prepared, device, batch_size, progress, should_stop)
         return np.concatenate([p.float().numpy() for p in parts])
 
     def embed(self, boxes: np.ndarray, batch_size: int = 4, progress: Progress | None = None,
