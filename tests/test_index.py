@@ -205,6 +205,9 @@ def test_a_corpus_index_carries_the_manifest_metadata(tiny_corpus, small_checkpo
         assert row["pdb_id"] == row["entry_id"] and len(row["pdb_id"]) == 4
         assert row["mass_kda"] > 0 and row["emdb_id"] is None and row["source_kind"] == "structure"
         assert row["name"].startswith(row["entry_id"] + "_r") and row["box_shape"] and row["voxel_size"]
+        # no path of the machine that built it: the bundled index ships
+        assert row["source"] == f"{tiny_corpus.name}/maps/{row['name']}.mrc"
+        assert "/" not in row["origin_source"] and row["origin_source"].endswith(".pdb.gz")
 
 
 def test_a_corpus_index_can_hold_one_orientation_of_each_entry(tiny_corpus, small_checkpoints, tmp_path):

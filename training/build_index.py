@@ -159,7 +159,9 @@ def corpus_row(corpus, i: int) -> dict:
         # The sample's content hash: a rebuilt corpus that changed a map gives it a new key.
         "key": f"corpus/{sample['sample_id']}/{sample['sha256'][:16]}",
         "name": sample["sample_id"],
-        "source": str((corpus.path / sample["file"]).resolve()),
+        # Relative to the corpus folder's name, and the origin by file name only: a row must not
+        # carry the paths of the machine that built the index (the bundled one ships).
+        "source": f"{corpus.path.name}/{sample['file']}",
         "source_kind": kind,
         "emdb_id": emdb_id,
         "pdb_id": pdb_id,
@@ -169,7 +171,7 @@ def corpus_row(corpus, i: int) -> dict:
         "split": sample.get("split"),
         "entry_id": sample.get("entry_id"),
         "rotation_index": sample.get("rotation_index"),
-        "origin_source": sample.get("source"),
+        "origin_source": Path(sample["source"]).name if sample.get("source") else None,
         "placement": None,  # a corpus box is rotated: it does not lie over its source
     }
 

@@ -11,6 +11,7 @@ what runs in the worker (``compute``) and what the result becomes (``show``).
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -179,13 +180,14 @@ class ModelJobWidget(Container):
 
     # --- for subclasses ------------------------------------------------------------------
 
+    # magicgui's Container is an ABC already: a subclass without these cannot be built.
+    @abc.abstractmethod
     def compute(self, density) -> Callable:
         """What runs in the worker: a function of (stage, should_stop) returning a result."""
-        raise NotImplementedError(f"{type(self).__name__} must say what its job computes")
 
+    @abc.abstractmethod
     def show(self, job: Job, result) -> str:
         """Turn a current result into layers (UI thread); returns the status line."""
-        raise NotImplementedError(f"{type(self).__name__} must say how its results are shown")
 
     def contour_level(self) -> float | None:
         """The contour level to mask the map at before the model sees it (None: no mask)."""
