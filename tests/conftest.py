@@ -67,6 +67,25 @@ def small_checkpoints(tmp_path_factory):
     return paths
 
 
+DIFFUSION_STEPS = 4  # a tiny latent diffusion model trains this many steps in the tests
+
+
+def diffusion_train_args(autoencoder, corpus, out, steps=DIFFUSION_STEPS, *extra):
+    return ["--autoencoder", str(autoencoder), "--corpus", str(corpus), "--out", str(out),
+            "--preset", "small", "--steps", str(steps), "--batch-size", "2", "--val-every", "2",
+            "--checkpoint-every", "2", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="session")
+def diffusion_run(small_checkpoints, tiny_corpus, tmp_path_factory):
+    """A run folder of a tiny diffusion model trained on the small Cryo-SWAN's latents."""
+    from training.train_diffusion import main
+
+    out = tmp_path_factory.mktemp("diffusion") / "run"
+    assert main(diffusion_train_args(small_checkpoints["swan"], tiny_corpus, out)) == 0
+    return out
+
+
 def blob_map(shape=(40, 50, 36), voxel=(2.5, 2.5, 2.5), origin=(10.0, -20.0, 5.0)):
     """A non-cubic test map: two Gaussian blobs of different size, off-centre."""
     from napari_cryoswan.io import DensityMap

@@ -9,26 +9,14 @@ import torch
 
 from conftest import blob_map
 
-STEPS = 4
+from conftest import DIFFUSION_STEPS as STEPS
+from conftest import diffusion_train_args as _train_args
 
 
 def _train(argv):
     from training.train_diffusion import main
 
     return main(argv)
-
-
-def _train_args(autoencoder, corpus, out, steps=STEPS, *extra):
-    return ["--autoencoder", str(autoencoder), "--corpus", str(corpus), "--out", str(out),
-            "--preset", "small", "--steps", str(steps), "--batch-size", "2", "--val-every", "2",
-            "--checkpoint-every", "2", "--device", "cpu", *extra]
-
-
-@pytest.fixture(scope="module")
-def diffusion_run(small_checkpoints, tiny_corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("diffusion") / "run"
-    assert _train(_train_args(small_checkpoints["swan"], tiny_corpus, out)) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +97,16 @@ def test_higher_strength_moves_farther_from_the_anchor(loaded):
     near, far = distance(0.02), distance(1.0)
     assert far > 0.2
     assert far > near
+
+
+@pytest.mark.parametrize("strength", [0.05, 0.3, 0.5, 0.7, 0.9])
+def test_strength_is_the_fraction_of_the_anchor_amplitude_replaced_by_noise(loaded, strength):
+    diffusion, _ = loaded
+    amplitude_T = diffusion.model.ddpm().alphas_cumprod.sqrt()
+    t0 = diffusion.model.edit_start(strength)
+    assert amplitude_T[t0] <= 1 - strength < amplitude_T[t0 - 1]
+    assert diffusion.model.edit_start(0.0) == -1
+    assert diffusion.model.edit_start(1.0) == diffusion.model.config.num_train_timesteps - 1
 
 
 def test_refused_with_another_autoencoder(diffusion_run, small_checkpoints, tmp_path, capsys):
@@ -232,3 +230,17 @@ def test_snapping_follows_encode_for_every_decoder_design(decoder_input):
     z, codes = encode_latents(model, x)
     snapped = snap_to_codes(model, z, codes)
     assert all(torch.equal(a, b) for a, b in zip(snapped["rq1"], codes["rq1"]))
+
+
+def test_the_bundled_diffusion_model_belongs_to_the_bundled_swan():
+    from napari_cryoswan.checkpoint import bundled_checkpoint_path, load_checkpoint
+    from napari_cryoswan.generate import diffusion_path_for, generate_boxes, load_diffusion
+
+    swan = load_checkpoint(bundled_checkpoint_path("swan"))
+    diffusion = load_diffusion(diffusion_path_for(swan.path), autoencoder=swan)
+    assert diffusion.provenance["step"] > 0 and diffusion.provenance["corpus_id"]
+    volume = np.random.default_rng(0).normal(size=(64, 64, 64)).astype(np.float32)
+    boxes, recon = generate_boxes(swan.model, diffusion.model, volume, n=2, strength=0.3, seed=0, steps=4,
+                                  device=torch.device("cpu"))
+    assert boxes.shape == (2, 64, 64, 64) and np.isfinite(boxes).all()
+    assert not np.array_equal(boxes[0], boxes[1]) and not np.array_equal(boxes[0], recon)

@@ -20,8 +20,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     from napari_cryoswan.generate import DEFAULT_STEPS
@@ -77,7 +75,7 @@ def run(args) -> Path:
     from napari_cryoswan.engine import choose_device
     from napari_cryoswan.generate import generate_variants
     from napari_cryoswan.io import read_map, write_map
-    from napari_cryoswan.metrics import fsc
+    from napari_cryoswan.metrics import correlation, fsc
     from training.corpus import write_json_atomic
 
     diffusion, autoencoder = _checkpoints(args)
@@ -106,7 +104,7 @@ def run(args) -> Path:
         curve = fsc(box, reference, voxel)
         variants.append({
             "file": path.name, "seed": seed,
-            "correlation": _correlation(box, reference),
+            "correlation": correlation(box, reference),
             "fsc_0.5": curve.resolution(0.5).to_dict(),
         })
     report = {
@@ -122,13 +120,6 @@ def run(args) -> Path:
     }
     write_json_atomic(out / "generation.json", report)
     return out / "generation.json"
-
-
-def _correlation(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
-    a, b = a - a.mean(), b - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
 
 
 def main(argv=None) -> int:

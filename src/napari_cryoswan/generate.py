@@ -22,10 +22,10 @@ The model
     standardised latent is not an image in [−1, 1].
 
 Conditioning on an anchor: SDEdit (Meng et al. 2022)
-    ``strength`` s ∈ [0, 1]: the anchor's standardised latent is noised to timestep
-    t₀ = round(s·T) − 1 with the DDPM forward process, then DDIM denoises it back to t = 0
-    (about s·steps steps). s = 0 returns the anchor's own reconstruction exactly; s = 1 starts
-    from almost pure noise (an unconditional sample). Each variant i draws its noise from a
+    ``strength`` s ∈ [0, 1]: the anchor's standardised latent is noised with the DDPM forward
+    process to the timestep t₀ where the anchor's signal amplitude √ᾱ_t₀ has fallen to 1 − s,
+    then DDIM denoises it back to t = 0 (about t₀/T·steps steps). s = 0 returns the anchor's own
+    reconstruction exactly; s = 1 starts from pure noise (an unconditional sample). Each variant i draws its noise from a
     generator seeded with ``seed + i``, so variant i does not depend on how many are asked for.
 
 Snapping
@@ -189,15 +189,23 @@ def _model_class():
             return torch.nn.functional.mse_loss(self(x_t, t_B), noise)
 
         def edit_start(self, strength: float) -> int:
-            """t₀ = round(strength·T) − 1, the timestep SDEdit noises to; −1: no noise."""
-            T = self.config.num_train_timesteps
-            return min(int(round(check_strength(strength) * T)), T) - 1
+            """The timestep t₀ that SDEdit noises to: the first t at which the anchor's signal
+            amplitude √ᾱ_t has fallen to 1 − strength (T − 1 for strength 1; −1, no noise, for 0).
+
+            Why not t₀ = strength·T: with the linear schedule √ᾱ_t is 0.28 at T/2 and 0.08 at
+            0.7·T, so every strength above about 0.6 would erase the anchor.
+            """
+            s = check_strength(strength)
+            if s == 0.0:
+                return -1
+            amplitude_T = self.ddpm().alphas_cumprod.sqrt()
+            return min(int((amplitude_T > 1.0 - s).sum()), self.config.num_train_timesteps - 1)
 
         @torch.no_grad()
         def edit(self, z_BCdhw: torch.Tensor, *, strength: float, steps: int = DEFAULT_STEPS,
                  noise_BCdhw: torch.Tensor | None = None, progress: Progress | None = None,
                  should_stop: StopCheck | None = None) -> torch.Tensor:
-            """SDEdit: noise raw latents to t₀ = round(strength·T) − 1, DDIM back to 0.
+            """SDEdit: noise raw latents to t₀ = ``edit_start(strength)``, DDIM back to 0.
 
             ``noise_BCdhw``: the Gaussian noise to add (drawn by the caller for seeding).
             Returns raw (unstandardised) latents, like ``z``; ``z`` itself for strength 0.
@@ -487,12 +495,16 @@ class GenerationResult:
     reconstruction: DensityMap  # the anchor's own reconstruction, what strength 0 gives
     variant_boxes: np.ndarray  # (n, box, box, box) in the anchor's density units
     reconstruction_box: np.ndarray
+    anchor_box: np.ndarray  # the anchor as the model saw it (preprocessed), same units
     record: object  # PreprocessRecord
     strength: float
     seeds: list[int]
     steps: int
     autoencoder_id: str
     diffusion_id: str
+    diffusion_path: str
+    fsc_to_anchor: list  # metrics.FSCCurve of each variant against anchor_box
+    correlation_to_anchor: list[float]  # of each variant with anchor_box
     notes: list[str] = field(default_factory=list)
 
 
@@ -508,10 +520,11 @@ def generate_variants(anchor: DensityMap, diffusion: LoadedDiffusion, autoencode
             trained with (refused otherwise).
         strength: 0 (the anchor's reconstruction) … 1 (an unconditional sample).
         seed: variant i uses seed + i.
-        steps: DDIM steps for a full chain (strength 1); a chain of strength s takes about s·steps.
+        steps: DDIM steps for a full chain (strength 1); a shorter chain takes fewer.
         contour_level: mask the anchor before preprocessing, as reconstruction does.
         progress: (done, total) over the denoising steps; should_stop: raises engine.Cancelled.
     """
+    from .metrics import correlation, fsc
     from .preprocess import denormalise, preprocess
 
     check_autoencoder(diffusion, autoencoder)
@@ -525,9 +538,14 @@ def generate_variants(anchor: DensityMap, diffusion: LoadedDiffusion, autoencode
     record = prepared.record
     boxes = np.stack([denormalise(b, record) for b in boxes])
     recon = denormalise(recon, record)
+    anchor_box = denormalise(prepared.data, record)
     on_grid = [anchor.with_data(box_on_grid(b, record, anchor), header={}) for b in boxes]
     return GenerationResult(
         variants=on_grid, reconstruction=anchor.with_data(box_on_grid(recon, record, anchor), header={}),
-        variant_boxes=boxes, reconstruction_box=recon, record=record, strength=float(strength),
-        seeds=[seed + i for i in range(n)], steps=int(steps), autoencoder_id=autoencoder.checkpoint_id,
-        diffusion_id=diffusion.checkpoint_id, notes=list(filter(None, [record.cut_off_note()])))
+        variant_boxes=boxes, reconstruction_box=recon, anchor_box=anchor_box, record=record,
+        strength=float(strength), seeds=[seed + i for i in range(n)], steps=int(steps),
+        autoencoder_id=autoencoder.checkpoint_id, diffusion_id=diffusion.checkpoint_id,
+        diffusion_path=str(diffusion.path),
+        fsc_to_anchor=[fsc(b, anchor_box, record.voxel_size) for b in boxes],
+        correlation_to_anchor=[correlation(b, anchor_box) for b in boxes],
+        notes=list(filter(None, [record.cut_off_note()])))

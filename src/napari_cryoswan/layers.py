@@ -10,12 +10,15 @@ docs/ARCHITECTURE.md): a result layer says where it came from, so any widget can
     method, params    a denoising's method and its parameters as it ran them (on the normalised
                       box: noise_sd in its units; noise_sd_from "given" or "estimated")
     snr, seed         the noise added before denoising, when it was (the reference is then the
-                      clean map)
+                      clean map); a generated variant's seed
     model             registry name of the model ("swan", "swan-rq1", …)
     checkpoint        path of the checkpoint file; checkpoint_id its content hash
     preprocessing     the PreprocessRecord as a dict (where the model's box sits, in Å)
     fsc               FSCCurve.to_dict() of the result against the preprocessed input (the
-                      clean map, when noise was added)
+                      clean map, when noise was added; the anchor, for a generated variant)
+    fsc_against       what ``fsc`` compares with when it is not the input ("anchor")
+    strength, steps   a generated variant's SDEdit strength and DDIM steps (its seed in ``seed``)
+    autoencoder_checkpoint_id   the autoencoder whose latents a diffusion model learned
     metrics           voxel metrics against the preprocessed input
     notes             what the user was told about the input (density cut off, …)
     voxel_size, origin   the geometry of the source map, in Å (z, y, x)
@@ -168,6 +171,24 @@ def denoised_layer_data(source_name: str, source_id: str, result,
         density = DensityMap(judged.box, scale, translate)
         out.append(density_layer_data(density, f"{stem} {label}", metadata,
                                       **grey, **_contour_kwargs(contour)))
+    return out
+
+
+def generated_layer_data(source_name: str, source_id: str, result, contour: float | None) -> list[tuple]:
+    """LayerData for each variant of a generation (``generate.GenerationResult``), on the
+    anchor's own grid so that it overlays the anchor; its FSC is against the anchor."""
+    common = {**_provenance(source_name, source_id, result), "model": "latent-diffusion",
+              "checkpoint": result.diffusion_path, "checkpoint_id": result.diffusion_id,
+              "autoencoder_checkpoint_id": result.autoencoder_id, "strength": result.strength,
+              "steps": result.steps, "fsc_against": "anchor"}
+    stem = short_name(source_name)
+    out = []
+    for i, (variant, seed) in enumerate(zip(result.variants, result.seeds)):
+        metadata = {**common, "variant": f"variant {i}", "seed": seed,
+                    "fsc": result.fsc_to_anchor[i].to_dict(),
+                    "metrics": {"correlation": result.correlation_to_anchor[i]}}
+        name = f"{stem} variant {i} (s {result.strength:g}, seed {seed})"
+        out.append(density_layer_data(variant, name, metadata, **_contour_kwargs(contour)))
     return out
 
 

@@ -240,6 +240,14 @@ def scale_like_target(prediction: np.ndarray, target: np.ndarray) -> tuple[np.nd
     return (prediction - low) / span, (target - low) / span
 
 
+def correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation of two maps over every voxel (0 when either is constant)."""
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
 def mse(prediction: np.ndarray, target: np.ndarray) -> float:
     p, t = scale_like_target(prediction, target)
     return float(np.mean((p - t) ** 2))

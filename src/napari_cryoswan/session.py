@@ -32,6 +32,7 @@ from .explorer import (  # noqa: F401 (the explorer's pure helpers, for its widg
     rows_in_box,
     rows_in_polygon,
 )
+from .generate import GenerationResult, LoadedDiffusion
 from .index import LatentIndexError
 from .io import DensityMap
 from .reconstruction import (
@@ -61,6 +62,7 @@ class Session:
         self.device_name = device
         self._checkpoints: dict[tuple, LoadedCheckpoint] = {}
         self._indexes: dict[tuple, ExplorerIndex] = {}
+        self._diffusions: dict[tuple, LoadedDiffusion] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -198,6 +200,64 @@ class Session:
                              params=params, device=device, stage=stage, should_stop=should_stop)
         result.notes[:0] = input_concerns(density, settings, estimate_outside=False)
         return result
+
+    # --- generation ----------------------------------------------------------------------
+
+    def diffusion_path(self, autoencoder: str | os.PathLike, diffusion: str | os.PathLike | None) -> Path:
+        """The diffusion checkpoint to use: the one given, else the one beside the autoencoder
+        (``swan.pt`` → ``swan.diffusion.pt``, which the bundled Cryo-SWAN ships).
+
+        Raises:
+            CheckpointError: none given and none beside the autoencoder; says how to train one.
+        """
+        from .generate import diffusion_path_for, missing_diffusion_message
+
+        if diffusion is not None and str(diffusion).strip() not in ("", "."):
+            return Path(diffusion)
+        found = diffusion_path_for(checkpoint_file(autoencoder))
+        if not found.is_file():
+            raise CheckpointError(missing_diffusion_message(autoencoder))
+        return found
+
+    def describe_generation(self, density: DensityMap, autoencoder: str | os.PathLike,
+                            diffusion: str | os.PathLike | None) -> tuple[str, list[str]]:
+        """``describe_reconstruction``, plus which diffusion model will make the variants (or
+        why there is none)."""
+        text, concerns = self.describe_reconstruction(density, autoencoder)
+        try:
+            text += f" Variants from {self.diffusion_path(autoencoder, diffusion).name}."
+        except CheckpointError as err:
+            concerns = [" ".join(str(err).split()), *concerns]
+        return text, concerns
+
+    def generate(self, density: DensityMap, autoencoder: str | os.PathLike,
+                 diffusion: str | os.PathLike | None = None, *, n: int = 4, strength: float = 0.5,
+                 seed: int = 0, steps: int | None = None, contour_level: float | None = None,
+                 stage: Stage | None = None, should_stop=None) -> GenerationResult:
+        """``n`` variants of an anchor map on its own grid (``generate.generate_variants``).
+
+        ``diffusion``: a diffusion checkpoint trained on ``autoencoder``'s latents; None for the
+        one beside the autoencoder. Any other pairing is refused with what to do.
+        """
+        from .generate import DEFAULT_STEPS, generate_variants, load_diffusion
+
+        report = stage or (lambda done, total, message: None)
+        report(0, 1, "loading the checkpoints")
+        loaded = self.checkpoint(autoencoder)
+        path = self.diffusion_path(autoencoder, diffusion)
+        key = _file_version(path)
+        with self._lock:
+            if key not in self._diffusions:
+                self._diffusions[key] = load_diffusion(path)
+            model = self._diffusions[key]
+
+        def progress(done, total):
+            report(done, total, f"denoising the latents of {n} variant{'s' * (n > 1)}")
+
+        return generate_variants(density, model, loaded, n=n, strength=strength, seed=seed,
+                                 steps=DEFAULT_STEPS if steps is None else steps,
+                                 contour_level=contour_level, device=self.device,
+                                 progress=progress, should_stop=should_stop)
 
     # --- the latent explorer -------------------------------------------------------------
 

@@ -201,10 +201,15 @@ class ModelJobWidget(Container):
             self.plan.value = "Open a 3-D map."
             self._show_concerns([])
             return
-        text, concerns = self.session.describe_reconstruction(density, typed_path(self.checkpoint),
-                                                              self.contour_level())
+        text, concerns = self.plan_for(density)
         self.plan.value = text
         self._show_concerns(concerns)
+
+    def plan_for(self, density) -> tuple[str, list[str]]:
+        """(what the run will do to ``density``, why it may go badly), cheap enough for the UI
+        thread; by default the checkpoint's preprocessing."""
+        return self.session.describe_reconstruction(density, typed_path(self.checkpoint),
+                                                    self.contour_level())
 
     # --- shared behaviour ----------------------------------------------------------------
 

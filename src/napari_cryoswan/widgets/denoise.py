@@ -45,16 +45,10 @@ class DenoiseWidget(ModelJobWidget):
         self._method_chosen()
         self._noise_chosen()
 
-    def describe(self, *args) -> None:
-        """Say what will happen to the chosen map: the classical methods need no checkpoint."""
-        density = self.chosen_map()
-        if density is None:
-            return super().describe(*args)
-        self.voxel_size.visible = density.voxel_size is None
+    def plan_for(self, density) -> tuple[str, list[str]]:
+        """The classical methods need no checkpoint."""
         checkpoint = typed_path(self.checkpoint) if self._uses_checkpoint() else None
-        text, concerns = self.session.describe_denoising(density, checkpoint, self.method.value)
-        self.plan.value = text
-        self._show_concerns(concerns)
+        return self.session.describe_denoising(density, checkpoint, self.method.value)
 
     def compute(self, density):
         session, method = self.session, self.method.value

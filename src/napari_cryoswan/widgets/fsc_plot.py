@@ -61,7 +61,8 @@ class FSCWidget(QWidget):
     def curves(self) -> dict[str, dict]:
         """The curves of the visible reconstruction layers, then the user's pairs (what the
         figure draws, up to ``MAX_DRAWN`` of them, and what the CSV holds)."""
-        stored = {f"{layer.name} vs input": layer.metadata["fsc"] for layer in self.viewer.layers
+        stored = {f"{layer.name} vs {layer.metadata.get('fsc_against', 'input')}": layer.metadata["fsc"]
+                  for layer in self.viewer.layers
                   if isinstance(layer.metadata.get("fsc"), dict) and layer.visible}
         return {**stored, **self.pairs}
 
