@@ -22,14 +22,14 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from napari_cryoswan.generate import DEFAULT_STEPS
+    from napari_cryoswan.generate import DEFAULT_STEPS, DEFAULT_STRENGTH
     from napari_cryoswan.session import DEVICES
 
     p = argparse.ArgumentParser(prog="python -m training.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--anchor", required=True, help="the anchor map (.mrc, .map, .map.gz)")
     p.add_argument("--n", type=int, default=4, help="number of variants (default %(default)s)")
-    p.add_argument("--strength", type=float, default=0.5,
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
                    help="0: the anchor's reconstruction … 1: an unconditional sample (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="variant i uses seed + i (default %(default)s)")
     p.add_argument("--out", required=True, help="folder for the variants and generation.json")

@@ -22,10 +22,10 @@ The model
     standardised latent is not an image in [−1, 1].
 
 Conditioning on an anchor: SDEdit (Meng et al. 2022)
-    ``strength`` s ∈ [0, 1]: the anchor's standardised latent is noised with the DDPM forward
-    process to the timestep t₀ where the anchor's signal amplitude √ᾱ_t₀ has fallen to 1 − s,
-    then DDIM denoises it back to t = 0 (about t₀/T·steps steps). s = 0 returns the anchor's own
-    reconstruction exactly; s = 1 starts from pure noise (an unconditional sample). Each variant i draws its noise from a
+    ``strength`` s ∈ [0, 1]: the anchor's standardised latent is noised to timestep
+    t₀ = round(s·T) − 1 with the DDPM forward process, then DDIM denoises it back to t = 0
+    (about s·steps steps). s = 0 returns the anchor's own reconstruction exactly; s = 1 starts
+    from almost pure noise (an unconditional sample). Each variant i draws its noise from a
     generator seeded with ``seed + i``, so variant i does not depend on how many are asked for.
 
 Snapping
@@ -64,6 +64,10 @@ LEVEL = "rq1"  # the latent the diffusion model learns
 MODEL_NAME = "latent-diffusion"
 DIFFUSION_SUFFIX = ".diffusion.pt"  # swan.pt → swan.diffusion.pt, beside its autoencoder
 DEFAULT_STEPS = 50
+# Where the bundled model's variants differ from each other more than the anchor from its own
+# reconstruction, and look more like real maps than noise added to the latent
+# (docs/GENERATION.md); at 0.5 they are near copies, from 0.8 they lose the anchor.
+DEFAULT_STRENGTH = 0.7
 
 
 @dataclass(frozen=True)
@@ -189,23 +193,20 @@ def _model_class():
             return torch.nn.functional.mse_loss(self(x_t, t_B), noise)
 
         def edit_start(self, strength: float) -> int:
-            """The timestep t₀ that SDEdit noises to: the first t at which the anchor's signal
-            amplitude √ᾱ_t has fallen to 1 − strength (T − 1 for strength 1; −1, no noise, for 0).
+            """t₀ = round(strength·T) − 1, the timestep SDEdit noises to (−1: no noise).
 
-            Why not t₀ = strength·T: with the linear schedule √ᾱ_t is 0.28 at T/2 and 0.08 at
-            0.7·T, so every strength above about 0.6 would erase the anchor.
+            Linear in timesteps, as SDEdit and diffusers' image-to-image define strength. The
+            amplitude mapping (√ᾱ_t₀ = 1 − strength) was measured too and left 70 % of the range
+            as near copies of the anchor (docs/GENERATION.md).
             """
-            s = check_strength(strength)
-            if s == 0.0:
-                return -1
-            amplitude_T = self.ddpm().alphas_cumprod.sqrt()
-            return min(int((amplitude_T > 1.0 - s).sum()), self.config.num_train_timesteps - 1)
+            T = self.config.num_train_timesteps
+            return min(int(round(check_strength(strength) * T)), T) - 1
 
         @torch.no_grad()
         def edit(self, z_BCdhw: torch.Tensor, *, strength: float, steps: int = DEFAULT_STEPS,
                  noise_BCdhw: torch.Tensor | None = None, progress: Progress | None = None,
                  should_stop: StopCheck | None = None) -> torch.Tensor:
-            """SDEdit: noise raw latents to t₀ = ``edit_start(strength)``, DDIM back to 0.
+            """SDEdit: noise raw latents to t₀ = round(strength·T) − 1, DDIM back to 0.
 
             ``noise_BCdhw``: the Gaussian noise to add (drawn by the caller for seeding).
             Returns raw (unstandardised) latents, like ``z``; ``z`` itself for strength 0.
@@ -509,7 +510,7 @@ class GenerationResult:
 
 
 def generate_variants(anchor: DensityMap, diffusion: LoadedDiffusion, autoencoder, *, n: int = 4,
-                      strength: float = 0.5, seed: int = 0, steps: int = DEFAULT_STEPS,
+                      strength: float = DEFAULT_STRENGTH, seed: int = 0, steps: int = DEFAULT_STEPS,
                       contour_level: float | None = None, device=None,
                       progress: Progress | None = None,
                       should_stop: StopCheck | None = None) -> GenerationResult:

@@ -231,7 +231,7 @@ class Session:
         return text, concerns
 
     def generate(self, density: DensityMap, autoencoder: str | os.PathLike,
-                 diffusion: str | os.PathLike | None = None, *, n: int = 4, strength: float = 0.5,
+                 diffusion: str | os.PathLike | None = None, *, n: int = 4, strength: float | None = None,
                  seed: int = 0, steps: int | None = None, contour_level: float | None = None,
                  stage: Stage | None = None, should_stop=None) -> GenerationResult:
         """``n`` variants of an anchor map on its own grid (``generate.generate_variants``).
@@ -239,7 +239,7 @@ class Session:
         ``diffusion``: a diffusion checkpoint trained on ``autoencoder``'s latents; None for the
         one beside the autoencoder. Any other pairing is refused with what to do.
         """
-        from .generate import DEFAULT_STEPS, generate_variants, load_diffusion
+        from .generate import DEFAULT_STEPS, DEFAULT_STRENGTH, generate_variants, load_diffusion
 
         report = stage or (lambda done, total, message: None)
         report(0, 1, "loading the checkpoints")
@@ -254,6 +254,7 @@ class Session:
         def progress(done, total):
             report(done, total, f"denoising the latents of {n} variant{'s' * (n > 1)}")
 
+        strength = DEFAULT_STRENGTH if strength is None else strength
         return generate_variants(density, model, loaded, n=n, strength=strength, seed=seed,
                                  steps=DEFAULT_STEPS if steps is None else steps,
                                  contour_level=contour_level, device=self.device,
