@@ -75,8 +75,9 @@ class GenerateWidget(ModelJobWidget):
         contour = float(job.layer.iso_threshold)
         added = [self.viewer.add_layer(Layer.create(*data))
                  for data in generated_layer_data(job.layer.name, job.layer.unique_id, result, contour)]
-        if self.side_by_side.value:
+        if self.side_by_side.value and not self.viewer.canvas.grid.enabled:
             self.viewer.canvas.grid.enabled = True
+            self.viewer.reset_view()  # fit every cell, not one layer's box
         self.viewer.layers.selection.active = added[0]
         correlations = ", ".join(f"{c:.2f}" for c in result.correlation_to_anchor)
         status = (f"Done: {len(added)} variant{'s' * (len(added) > 1)} of {job.layer.name} at strength "
