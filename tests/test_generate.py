@@ -105,6 +105,38 @@ def test_strength_is_the_share_of_the_noise_schedule(loaded):
     assert [diffusion.model.edit_start(s) for s in (0.0, 0.25, 0.5, 1.0)] == [-1, T // 4 - 1, T // 2 - 1, T - 1]
 
 
+def test_a_strength_calibration_spreads_similarity_evenly_and_round_trips(loaded, tmp_path):
+    from napari_cryoswan.generate import load_diffusion, save_diffusion
+
+    diffusion, autoencoder = loaded
+    model = diffusion.model
+    model.strength_calibration = {"timesteps": [99, 499, 999], "similarity": [0.9, 0.5, 0.1]}
+    try:
+        # strength 0.5: similarity 1 − 0.5·(1 − 0.1) = 0.55, between t 99 (0.9) and 499 (0.5)
+        assert [model.edit_start(s) for s in (0.0, 0.5, 1.0)] == [-1, 449, 999]
+        again = load_diffusion(save_diffusion(tmp_path / "calibrated.pt", model, contract=diffusion.contract,
+                                              autoencoder_id=diffusion.autoencoder_id), autoencoder=autoencoder)
+    finally:
+        model.strength_calibration = None
+    assert again.model.strength_calibration["timesteps"] == [99, 499, 999]
+    assert again.model.edit_start(0.5) == 449 and model.edit_start(0.5) == 499
+
+
+def test_calibrate_cli_measures_and_writes_a_new_checkpoint(diffusion_run, small_checkpoints, tiny_corpus,
+                                                            tmp_path, capsys):
+    from napari_cryoswan.generate import load_diffusion
+    from training.calibrate_diffusion import main
+
+    out = tmp_path / "calibrated.pt"
+    argv = ["--checkpoint", str(diffusion_run / "model.pt"), "--corpus", str(tiny_corpus), "--out", str(out),
+            "--autoencoder", str(small_checkpoints["swan"]), "--maps", "1", "--points", "3", "--steps", "3"]
+    assert main(argv) == 0
+    calibration = load_diffusion(out).model.strength_calibration
+    assert calibration["timesteps"] == [332, 666, 999] and calibration["maps"] == 1
+    assert all(-1.0 <= r <= 1.0 for r in calibration["similarity"])
+    assert main(argv) == 2 and "exists" in capsys.readouterr().err
+
+
 def test_refused_with_another_autoencoder(diffusion_run, small_checkpoints, tmp_path, capsys):
     from napari_cryoswan.checkpoint import CheckpointError, load_checkpoint
     from napari_cryoswan.generate import load_diffusion

@@ -22,10 +22,12 @@ The model
     standardised latent is not an image in [−1, 1].
 
 Conditioning on an anchor: SDEdit (Meng et al. 2022)
-    ``strength`` s ∈ [0, 1]: the anchor's standardised latent is noised to timestep
-    t₀ = round(s·T) − 1 with the DDPM forward process, then DDIM denoises it back to t = 0
-    (about s·steps steps). s = 0 returns the anchor's own reconstruction exactly; s = 1 starts
-    from almost pure noise (an unconditional sample). Each variant i draws its noise from a
+    ``strength`` s ∈ [0, 1]: the anchor's standardised latent is noised to a start timestep t₀
+    with the DDPM forward process, then DDIM denoises it back to t = 0 (about t₀/T·steps
+    steps). t₀ inverts the checkpoint's strength calibration (``measure_strength_calibration``:
+    similarity then falls evenly with s) or, without one, is round(s·T) − 1. s = 0 returns the
+    anchor's own reconstruction exactly; s = 1 starts from almost pure noise (an unconditional
+    sample). Each variant i draws its noise from a
     generator seeded with ``seed + i``, so variant i does not depend on how many are asked for.
 
 Snapping
@@ -64,10 +66,10 @@ LEVEL = "rq1"  # the latent the diffusion model learns
 MODEL_NAME = "latent-diffusion"
 DIFFUSION_SUFFIX = ".diffusion.pt"  # swan.pt → swan.diffusion.pt, beside its autoencoder
 DEFAULT_STEPS = 50
-# Where the bundled model's variants differ from each other more than the anchor from its own
-# reconstruction, and look more like real maps than noise added to the latent
-# (docs/GENERATION.md); at 0.5 they are near copies, from 0.8 they lose the anchor.
-DEFAULT_STRENGTH = 0.7
+# With the bundled model's calibrated strength: variants keep the anchor's shape (correlation
+# 0.71 with its reconstruction), differ from each other, and lie nearer real maps than noise
+# added to the latent at the same similarity (docs/GENERATION.md).
+DEFAULT_STRENGTH = 0.3
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,8 @@ def _model_class():
                 num_head_channels=config.num_head_channels)
             self.register_buffer("latent_mean_C", torch.zeros(code_dim))
             self.register_buffer("latent_std_C", torch.ones(code_dim))
+            # {"timesteps": [...], "similarity": [...]} from ``measure_strength_calibration``
+            self.strength_calibration: dict | None = None
 
         def config_dict(self) -> dict:
             return {"code_dim": self.code_dim, "latent_size": self.latent_size,
@@ -193,26 +197,37 @@ def _model_class():
             return torch.nn.functional.mse_loss(self(x_t, t_B), noise)
 
         def edit_start(self, strength: float) -> int:
-            """t₀ = round(strength·T) − 1, the timestep SDEdit noises to (−1: no noise).
+            """The timestep t₀ that SDEdit noises to (−1: no noise, for strength 0).
 
-            Linear in timesteps, as SDEdit and diffusers' image-to-image define strength. The
-            amplitude mapping (√ᾱ_t₀ = 1 − strength) was measured too and left 70 % of the range
-            as near copies of the anchor (docs/GENERATION.md).
+            With a ``strength_calibration``, t₀ is where the measured similarity of a variant to
+            its map's reconstruction has fallen by the share ``strength`` of its whole fall, so
+            that similarity falls evenly with strength. Without one, t₀ = round(strength·T) − 1,
+            linear in timesteps as SDEdit defines it.
             """
+            s = check_strength(strength)
             T = self.config.num_train_timesteps
-            return min(int(round(check_strength(strength) * T)), T) - 1
+            if s == 0.0:
+                return -1
+            if self.strength_calibration is None:
+                return min(int(round(s * T)), T) - 1
+            t_K = np.array([-1.0, *self.strength_calibration["timesteps"]])
+            r_K = np.minimum.accumulate([1.0, *self.strength_calibration["similarity"]])
+            target = r_K[0] + s * (r_K[-1] - r_K[0])
+            t0 = np.interp(target, r_K[::-1], t_K[::-1])  # r falls as t grows
+            return T - 1 if s == 1.0 else int(np.clip(round(float(t0)), 0, T - 1))
 
         @torch.no_grad()
         def edit(self, z_BCdhw: torch.Tensor, *, strength: float, steps: int = DEFAULT_STEPS,
                  noise_BCdhw: torch.Tensor | None = None, progress: Progress | None = None,
-                 should_stop: StopCheck | None = None) -> torch.Tensor:
+                 should_stop: StopCheck | None = None, start: int | None = None) -> torch.Tensor:
             """SDEdit: noise raw latents to t₀ = round(strength·T) − 1, DDIM back to 0.
 
             ``noise_BCdhw``: the Gaussian noise to add (drawn by the caller for seeding).
+            ``start``: t₀ itself, instead of ``edit_start(strength)`` (for calibrating).
             Returns raw (unstandardised) latents, like ``z``; ``z`` itself for strength 0.
             """
             T = self.config.num_train_timesteps
-            t0 = self.edit_start(strength)
+            t0 = self.edit_start(strength) if start is None else int(start)
             if t0 < 0:
                 return z_BCdhw.clone()
             steps = max(1, min(int(steps), T))
@@ -267,9 +282,11 @@ def save_diffusion(path: str | os.PathLike, model, *, autoencoder_id: str, autoe
     plus the autoencoder it belongs to)."""
     from .checkpoint import save_checkpoint
 
+    extra = {"autoencoder": {"checkpoint_id": autoencoder_id, "path": str(autoencoder_path)}}
+    if model.strength_calibration is not None:
+        extra["strength_calibration"] = dict(model.strength_calibration)
     return save_checkpoint(path, model, provenance, training, contract=contract, kind="diffusion",
-                           overwrite=overwrite,
-                           extra={"autoencoder": {"checkpoint_id": autoencoder_id, "path": str(autoencoder_path)}})
+                           overwrite=overwrite, extra=extra)
 
 
 def load_diffusion(path: str | os.PathLike, *, autoencoder=None, map_location: str = "cpu") -> LoadedDiffusion:
@@ -310,6 +327,13 @@ def load_diffusion(path: str | os.PathLike, *, autoencoder=None, map_location: s
         model.load_state_dict(payload["state_dict"])
         contract = InputContract.from_dict(payload["input"])
         ae = payload["autoencoder"]
+        calibration = payload.get("strength_calibration")
+        if calibration is not None:
+            calibration = {**calibration, "timesteps": [int(t) for t in calibration["timesteps"]],
+                           "similarity": [float(r) for r in calibration["similarity"]]}
+            if len(calibration["timesteps"]) != len(calibration["similarity"]) or not calibration["timesteps"]:
+                raise ValueError("its strength calibration is malformed")
+        model.strength_calibration = calibration
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{path}: this diffusion checkpoint is damaged ({_first_line(err)}).") from err
     model.eval()
@@ -470,6 +494,45 @@ def generate_boxes(autoencoder_model, diffusion_model, x_11dhw, *, n: int, stren
             codes = snap_to_codes(autoencoder_model, z_gen, anchor_codes)
             out.append(decode(autoencoder_model, codes)[:, 0].float().cpu().numpy())
     return np.concatenate(out).astype(np.float32), reconstruction.astype(np.float32)
+
+
+def measure_strength_calibration(autoencoder_model, diffusion_model, boxes_Bdhw, *, points: int = 20,
+                                 steps: int = DEFAULT_STEPS, seed: int = 0, device=None,
+                                 progress: Progress | None = None) -> dict:
+    """How similar a variant stays to its map's reconstruction for each SDEdit start t₀, measured
+    on preprocessed maps (held out from training): what ``edit_start`` inverts.
+
+    ``points`` start timesteps evenly over (0, T]; at each, one variant per map (noise from
+    ``seed``), snapped and decoded; similarity is its correlation with the reconstruction,
+    averaged over the maps. Returns ``{"timesteps", "similarity", "maps", "steps", "seed"}``.
+    """
+    import torch
+
+    from .engine import choose_device
+    from .metrics import correlation
+
+    device = device or choose_device()
+    autoencoder_model = autoencoder_model.to(device).eval()
+    diffusion_model = diffusion_model.to(device).eval()
+    T = diffusion_model.config.num_train_timesteps
+    timesteps = sorted({int(round(T * (k + 1) / points)) - 1 for k in range(points)})
+    similarity_MK = []
+    for m, box in enumerate(np.asarray(boxes_Bdhw, np.float32)):
+        x_11dhw = torch.from_numpy(box).reshape(1, 1, *box.shape).to(device)
+        z_1Cdhw, codes = encode_latents(autoencoder_model, x_11dhw)  # one map: as generate_boxes
+        recon = decode(autoencoder_model, codes)[0, 0].float().cpu().numpy()
+        noise = variant_noise([seed], tuple(z_1Cdhw.shape[1:])).to(device)
+        row = []
+        for t in timesteps:
+            with torch.inference_mode():
+                z_gen = diffusion_model.edit(z_1Cdhw, strength=1.0, start=t, steps=steps, noise_BCdhw=noise)
+                variant = decode(autoencoder_model, snap_to_codes(autoencoder_model, z_gen, codes))
+            row.append(correlation(variant[0, 0].float().cpu().numpy(), recon))
+        similarity_MK.append(row)
+        if progress is not None:
+            progress(m + 1, len(boxes_Bdhw))
+    return {"timesteps": timesteps, "similarity": [float(r) for r in np.mean(similarity_MK, axis=0)],
+            "maps": len(similarity_MK), "steps": int(steps), "seed": int(seed)}
 
 
 def box_on_grid(box: np.ndarray, record, like: DensityMap) -> np.ndarray:

@@ -38,8 +38,8 @@ class GenerateWidget(ModelJobWidget):
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1,
                             tooltip="Variant i uses seed + i: the same seed gives the same variants.")
         self.steps = SpinBox(label="sampling steps", value=DEFAULT_STEPS, min=1, max=1000,
-                             tooltip="DDIM steps of a full chain (strength 1); a chain of strength s takes "
-                                     "about s × steps. Fewer is faster and coarser.")
+                             tooltip="DDIM steps of a full chain (strength 1); a lower strength takes "
+                                     "fewer. Fewer is faster and coarser.")
         self.side_by_side = CheckBox(text="side by side (napari's grid view)", value=True,
                                      tooltip="Show each layer in its own cell; the variants still "
                                              "overlay the anchor in space.")
