@@ -88,7 +88,7 @@ def make_boxes(ae_model, z_ACdhw, codes: dict, *, n: int, seed: int, batch_size:
     """
     import torch
 
-    from napari_cryoswan.generate import decode, snap_to_codes, variant_noise
+    from napari_cryoswan.generate import decode_latents, variant_noise
 
     A = z_ACdhw.shape[0]
     pairs = [(a, i) for a in range(A) for i in range(n)]
@@ -99,9 +99,8 @@ def make_boxes(ae_model, z_ACdhw, codes: dict, *, n: int, seed: int, batch_size:
         noise_BCdhw = variant_noise([seed + i for _, i in chunk], tuple(z_ACdhw.shape[1:])).to(z_ACdhw.device)
         with torch.inference_mode():
             z_BCdhw = latent_of(z_ACdhw[index_B], noise_BCdhw)
-            snapped = snap_to_codes(ae_model, z_BCdhw, take_codes(codes, index_B))
-            out.append(decode(ae_model, snapped)[:, 0].float().cpu().numpy())
-    boxes = np.concatenate(out).astype(np.float32)
+        out.append(decode_latents(ae_model, z_BCdhw, take_codes(codes, index_B)))
+    boxes = np.concatenate(out)
     return boxes.reshape(A, n, *boxes.shape[1:])
 
 
@@ -229,15 +228,17 @@ def real_embeddings(embedder, corpus, indices, cache: str | None, key: str) -> n
 
 def load_models(args):
     from napari_cryoswan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-    from napari_cryoswan.generate import diffusion_path_for, load_diffusion, missing_diffusion_message
+    from napari_cryoswan.generate import diffusion_beside, load_diffusion
 
     ae_path = resolve_checkpoint(args.autoencoder)
-    path = Path(args.diffusion) if args.diffusion else diffusion_path_for(ae_path)
+    path = Path(args.diffusion) if args.diffusion else diffusion_beside(ae_path, shown_as=args.autoencoder)
     if not path.is_file():
-        raise CheckpointError(missing_diffusion_message(args.autoencoder) if not args.diffusion
-                              else f"{path}: no such diffusion checkpoint.")
+        raise CheckpointError(f"{path}: no such diffusion checkpoint.")
     autoencoder = load_checkpoint(ae_path)
-    return autoencoder, load_diffusion(path, autoencoder=autoencoder)
+    diffusion = load_diffusion(path, autoencoder=autoencoder)
+    if args.no_calibration:  # strength linear in timesteps, as without a calibration
+        diffusion.model.strength_calibration = None
+    return autoencoder, diffusion
 
 
 def run(args) -> tuple[dict, dict]:
@@ -617,6 +618,8 @@ def main(argv=None) -> int:
                    help="the noise baseline's σ sweep, in standardised latent units, ascending")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="DDIM steps of a full chain")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-calibration", action="store_true",
+                   help="ignore the checkpoint's strength calibration (t0 = strength·T)")
     p.add_argument("--batch-size", type=int, default=16, help="variants denoised together")
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache", default=None,

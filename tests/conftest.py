@@ -67,6 +67,14 @@ def small_checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def swan(small_checkpoints):
+    """The small Cryo-SWAN checkpoint, loaded once per test module."""
+    from napari_cryoswan.checkpoint import load_checkpoint
+
+    return load_checkpoint(small_checkpoints["swan"])
+
+
 DIFFUSION_STEPS = 4  # a tiny latent diffusion model trains this many steps in the tests
 
 

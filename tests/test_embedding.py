@@ -42,11 +42,6 @@ def _correlation(a, b) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
 
-@pytest.fixture(scope="module")
-def swan(small_checkpoints):
-    return load_checkpoint(small_checkpoints["swan"])
-
-
 def test_a_rotated_copy_is_posed_like_its_original():
     original = _asymmetric(0)
     turned = rotate(original, _turn(1))

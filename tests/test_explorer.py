@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from napari_cryoswan import explorer as explorer_module
-from napari_cryoswan.checkpoint import load_checkpoint
 from napari_cryoswan.explorer import (
     PROJECTION_DIR,
     ExplorerIndex,
@@ -74,11 +73,6 @@ def stand_in_fit(vectors, *, seed=0, **kwargs):
 @pytest.fixture(scope="module")
 def maps(tmp_path_factory):
     return write_maps(tmp_path_factory.mktemp("explorer_maps"), origin=(8.0, -12.0, 20.0))
-
-
-@pytest.fixture(scope="module")
-def swan(small_checkpoints):
-    return load_checkpoint(small_checkpoints["swan"])
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from napari_cryoswan.checkpoint import load_checkpoint
 from napari_cryoswan.engine import Cancelled
 from napari_cryoswan.index import (
     CodeLayout,
@@ -40,11 +39,6 @@ def maps(tmp_path_factory):
     shutil.copy(folder / "alpha.mrc", folder / "alpha_copy.mrc")
     (folder / "broken.mrc").write_bytes(b"not a map" * 10)
     return folder
-
-
-@pytest.fixture(scope="module")
-def swan(small_checkpoints):
-    return load_checkpoint(small_checkpoints["swan"])
 
 
 @pytest.fixture(scope="module")

@@ -49,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _checkpoints(args):
     """(diffusion, autoencoder) as the arguments name them, or CheckpointError saying what to do."""
-    from napari_cryoswan.checkpoint import CheckpointError, bundled_checkpoint_path, load_checkpoint, resolve_checkpoint
-    from napari_cryoswan.generate import diffusion_path_for, load_diffusion, missing_diffusion_message
+    from napari_cryoswan.checkpoint import bundled_checkpoint_path, load_checkpoint, resolve_checkpoint
+    from napari_cryoswan.generate import check_autoencoder, diffusion_beside, load_diffusion
 
     if args.checkpoint:
         diffusion = load_diffusion(args.checkpoint)
@@ -58,14 +58,10 @@ def _checkpoints(args):
                    Path(diffusion.autoencoder_path) if Path(diffusion.autoencoder_path).is_file() else
                    bundled_checkpoint_path("swan"))
     else:
-        ae_path = resolve_checkpoint(args.autoencoder or "bundled:swan")
-        found = diffusion_path_for(ae_path)
-        if not found.is_file():
-            raise CheckpointError(missing_diffusion_message(args.autoencoder or "bundled:swan"))
-        diffusion = load_diffusion(found)
+        shown_as = args.autoencoder or "bundled:swan"
+        ae_path = resolve_checkpoint(shown_as)
+        diffusion = load_diffusion(diffusion_beside(ae_path, shown_as=shown_as))
     autoencoder = load_checkpoint(ae_path)
-    from napari_cryoswan.generate import check_autoencoder
-
     check_autoencoder(diffusion, autoencoder)
     return diffusion, autoencoder
 

@@ -373,7 +373,7 @@ def _truncate_logs(out: Path, step: int) -> None:
             Path(tmp).write_text("".join(line + "\n" for line in kept))
 
 
-def _record_resume(out: Path, settings: TrainSettings, start_step: int) -> None:
+def _record_resume(out: Path, settings, start_step: int) -> None:
     """Keep config.json true to the run: a resume may extend --steps, and it says where it began."""
     path = out / "config.json"
     config = json.loads(path.read_text()) if path.exists() else asdict(settings)

@@ -40,7 +40,8 @@ import numpy as np
 from napari_cryoswan._atomic import atomic_path
 from training.corpus import CorpusSet, write_json_atomic
 from training.train import (RunFolderError, run_command, _append_csv, _append_jsonl, _check_run_folder,
-                            _interrupt_on_sigterm, _lock_run_folder, _progress_bar, _truncate_logs)
+                            _interrupt_on_sigterm, _lock_run_folder, _progress_bar, _record_resume,
+                            _truncate_logs)
 
 LOG_FIELDS = ("step", "loss", "volumes_per_s")
 CACHE = "latents.pt"
@@ -273,14 +274,6 @@ def _update_ema(ema, model, decay: float) -> None:
             e.lerp_(p, 1.0 - decay)
         for e, b in zip(ema.buffers(), model.buffers()):
             e.copy_(b)
-
-
-def _record_resume(out: Path, settings: DiffusionTrainSettings, start_step: int) -> None:
-    path = out / "config.json"
-    config = json.loads(path.read_text()) if path.is_file() else asdict(settings)
-    config["steps"] = settings.steps
-    config.setdefault("resumed_at_steps", []).append(start_step)
-    write_json_atomic(path, config)
 
 
 def _last_validation(out: Path) -> dict:

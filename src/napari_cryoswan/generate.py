@@ -376,11 +376,22 @@ def diffusion_path_for(autoencoder_path: str | os.PathLike) -> Path:
     return path.with_name(path.name.removesuffix(".pt") + DIFFUSION_SUFFIX)
 
 
-def missing_diffusion_message(autoencoder_path: str | os.PathLike) -> str:
-    return (f"No diffusion checkpoint was given and none is bundled for {Path(autoencoder_path).name} "
-            f"(looked for {diffusion_path_for(autoencoder_path)}). Train one with\n"
-            f"  python -m training.train_diffusion --autoencoder {autoencoder_path} --corpus CORPUS "
-            f"--out RUN\nthen pass --checkpoint RUN/model.pt.")
+def diffusion_beside(autoencoder_path: str | os.PathLike, *, shown_as: str | None = None) -> Path:
+    """The diffusion checkpoint beside an autoencoder file (``diffusion_path_for``).
+
+    Raises:
+        CheckpointError: there is none; the message names the autoencoder as ``shown_as`` (e.g.
+            "bundled:swan", default its path) and says how to train one.
+    """
+    found = diffusion_path_for(autoencoder_path)
+    if not found.is_file():
+        shown_as = shown_as or str(autoencoder_path)
+        raise CheckpointError(
+            f"No diffusion checkpoint was given and none lies beside {Path(autoencoder_path).name} "
+            f"(looked for {found}). Train one with\n"
+            f"  python -m training.train_diffusion --autoencoder {shown_as} --corpus CORPUS --out RUN\n"
+            f"then choose RUN/model.pt as the diffusion checkpoint (--checkpoint on the command line).")
+    return found
 
 
 def _first_line(err: Exception) -> str:
@@ -443,6 +454,18 @@ def decode(autoencoder_model, codes: dict):
         return autoencoder_model.decode_codes(codes)
 
 
+def decode_latents(autoencoder_model, z_BCdhw, anchor_codes: dict) -> np.ndarray:
+    """Generated RQ1 latents snapped to the codebooks (``snap_to_codes``) and decoded.
+
+    Shape: z (B, C, d, h, w) → (B, 64, 64, 64) float32.
+    """
+    import torch
+
+    with torch.inference_mode():
+        boxes = decode(autoencoder_model, snap_to_codes(autoencoder_model, z_BCdhw, anchor_codes))
+    return boxes[:, 0].float().cpu().numpy().astype(np.float32)
+
+
 def variant_noise(seeds: Sequence[int], shape_Cdhw: tuple[int, ...]):
     """The Gaussian noise of each variant, from a CPU generator seeded with its own seed (the
     same numbers on every device). Shape: (len(seeds), C, d, h, w)."""
@@ -488,12 +511,10 @@ def generate_boxes(autoencoder_model, diffusion_model, x_11dhw, *, n: int, stren
             if progress is not None:
                 progress(c * total + done, len(chunks) * total)
 
-        with torch.inference_mode():
-            z_gen = diffusion_model.edit(z_BCdhw, strength=strength, steps=steps, noise_BCdhw=noise,
-                                         progress=step_progress, should_stop=should_stop)
-            codes = snap_to_codes(autoencoder_model, z_gen, anchor_codes)
-            out.append(decode(autoencoder_model, codes)[:, 0].float().cpu().numpy())
-    return np.concatenate(out).astype(np.float32), reconstruction.astype(np.float32)
+        z_gen = diffusion_model.edit(z_BCdhw, strength=strength, steps=steps, noise_BCdhw=noise,
+                                     progress=step_progress, should_stop=should_stop)
+        out.append(decode_latents(autoencoder_model, z_gen, anchor_codes))
+    return np.concatenate(out), reconstruction.astype(np.float32)
 
 
 def measure_strength_calibration(autoencoder_model, diffusion_model, boxes_Bdhw, *, points: int = 20,
@@ -524,10 +545,8 @@ def measure_strength_calibration(autoencoder_model, diffusion_model, boxes_Bdhw,
         noise = variant_noise([seed], tuple(z_1Cdhw.shape[1:])).to(device)
         row = []
         for t in timesteps:
-            with torch.inference_mode():
-                z_gen = diffusion_model.edit(z_1Cdhw, strength=1.0, start=t, steps=steps, noise_BCdhw=noise)
-                variant = decode(autoencoder_model, snap_to_codes(autoencoder_model, z_gen, codes))
-            row.append(correlation(variant[0, 0].float().cpu().numpy(), recon))
+            z_gen = diffusion_model.edit(z_1Cdhw, strength=1.0, start=t, steps=steps, noise_BCdhw=noise)
+            row.append(correlation(decode_latents(autoencoder_model, z_gen, codes)[0], recon))
         similarity_MK.append(row)
         if progress is not None:
             progress(m + 1, len(boxes_Bdhw))

@@ -32,7 +32,7 @@ from .explorer import (  # noqa: F401 (the explorer's pure helpers, for its widg
     rows_in_box,
     rows_in_polygon,
 )
-from .generate import GenerationResult, LoadedDiffusion
+from .generate import DEFAULT_STEPS, DEFAULT_STRENGTH, GenerationResult, LoadedDiffusion
 from .index import LatentIndexError
 from .io import DensityMap
 from .reconstruction import (
@@ -82,16 +82,20 @@ class Session:
 
     def checkpoint(self, path: str | os.PathLike, kind: str = "autoencoder") -> LoadedCheckpoint:
         """The checkpoint at ``path``, read once and then served from memory."""
-        key = _file_version(path)
-        with self._lock:
-            if key not in self._checkpoints:
-                self._checkpoints[key] = load_checkpoint(path, kind=kind)
-            loaded = self._checkpoints[key]
+        loaded = self._cached(self._checkpoints, path, lambda p: load_checkpoint(p, kind=kind))
         if loaded.kind != kind:
             raise CheckpointError(
                 f"{Path(path).name} holds a {loaded.kind} model, not an {kind}. "
                 f"Choose an {kind} checkpoint.")
         return loaded
+
+    def _cached(self, cache: dict, path: str | os.PathLike, load):
+        """``load(path)``, once per version (path, size, modification time) of the file."""
+        key = _file_version(path)
+        with self._lock:
+            if key not in cache:
+                cache[key] = load(path)
+            return cache[key]
 
     def cached_checkpoint(self, path: str | os.PathLike) -> LoadedCheckpoint | None:
         """The checkpoint if it is already in memory (never reads a file: for the UI thread)."""
@@ -210,14 +214,11 @@ class Session:
         Raises:
             CheckpointError: none given and none beside the autoencoder; says how to train one.
         """
-        from .generate import diffusion_path_for, missing_diffusion_message
+        from .generate import diffusion_beside
 
         if diffusion is not None and str(diffusion).strip() not in ("", "."):
             return Path(diffusion)
-        found = diffusion_path_for(checkpoint_file(autoencoder))
-        if not found.is_file():
-            raise CheckpointError(missing_diffusion_message(autoencoder))
-        return found
+        return diffusion_beside(checkpoint_file(autoencoder), shown_as=str(autoencoder))
 
     def describe_generation(self, density: DensityMap, autoencoder: str | os.PathLike,
                             diffusion: str | os.PathLike | None) -> tuple[str, list[str]]:
@@ -231,32 +232,26 @@ class Session:
         return text, concerns
 
     def generate(self, density: DensityMap, autoencoder: str | os.PathLike,
-                 diffusion: str | os.PathLike | None = None, *, n: int = 4, strength: float | None = None,
-                 seed: int = 0, steps: int | None = None, contour_level: float | None = None,
+                 diffusion: str | os.PathLike | None = None, *, n: int = 4,
+                 strength: float = DEFAULT_STRENGTH, seed: int = 0, steps: int = DEFAULT_STEPS,
+                 contour_level: float | None = None,
                  stage: Stage | None = None, should_stop=None) -> GenerationResult:
         """``n`` variants of an anchor map on its own grid (``generate.generate_variants``).
 
         ``diffusion``: a diffusion checkpoint trained on ``autoencoder``'s latents; None for the
         one beside the autoencoder. Any other pairing is refused with what to do.
         """
-        from .generate import DEFAULT_STEPS, DEFAULT_STRENGTH, generate_variants, load_diffusion
+        from .generate import generate_variants, load_diffusion
 
         report = stage or (lambda done, total, message: None)
         report(0, 1, "loading the checkpoints")
         loaded = self.checkpoint(autoencoder)
-        path = self.diffusion_path(autoencoder, diffusion)
-        key = _file_version(path)
-        with self._lock:
-            if key not in self._diffusions:
-                self._diffusions[key] = load_diffusion(path)
-            model = self._diffusions[key]
+        model = self._cached(self._diffusions, self.diffusion_path(autoencoder, diffusion), load_diffusion)
 
         def progress(done, total):
             report(done, total, f"denoising the latents of {n} variant{'s' * (n > 1)}")
 
-        strength = DEFAULT_STRENGTH if strength is None else strength
-        return generate_variants(density, model, loaded, n=n, strength=strength, seed=seed,
-                                 steps=DEFAULT_STEPS if steps is None else steps,
+        return generate_variants(density, model, loaded, n=n, strength=strength, seed=seed, steps=steps,
                                  contour_level=contour_level, device=self.device,
                                  progress=progress, should_stop=should_stop)
 
