@@ -113,10 +113,11 @@ def test_unknown_bundled_name():
     assert resolve_checkpoint("runs/vq/model.pt") == Path("runs/vq/model.pt")
 
 
-@pytest.mark.parametrize("name, levels", [("swan", 2), ("swan-rq1", 1)])
-def test_bundled_checkpoints_load_offline_and_reconstruct(name, levels):
+@pytest.mark.parametrize("name, model, levels", [("swan", "swan", 2), ("swan-rq1", "swan-rq1", 1),
+                                                 ("swan-denoiser", "swan", 2), ("swan-shapes", "swan", 2)])
+def test_bundled_checkpoints_load_offline_and_reconstruct(name, model, levels):
     loaded = load_checkpoint(resolve_checkpoint(f"bundled:{name}"))
-    assert loaded.model.name == name and loaded.model.config.levels == levels
+    assert loaded.model.name == model and loaded.model.config.levels == levels
     assert loaded.provenance["corpus_id"] and loaded.provenance["step"] > 0
     x = torch.randn(1, 1, 64, 64, 64)
     with torch.no_grad():
@@ -124,7 +125,31 @@ def test_bundled_checkpoints_load_offline_and_reconstruct(name, levels):
     assert recon.shape == x.shape and torch.isfinite(recon).all()
 
 
+def test_the_bundled_denoiser_is_swan_with_only_its_encoder_fine_tuned():
+    swan, denoiser = (load_checkpoint(resolve_checkpoint(f"bundled:{name}"))
+                      for name in ("swan", "swan-denoiser"))
+    assert denoiser.provenance["init_checkpoint_id"] == swan.checkpoint_id
+    assert denoiser.model.config_dict() == swan.model.config_dict()
+    before, after = swan.model.state_dict(), denoiser.model.state_dict()
+    encoder = ("encoders.", "combi_convs.", "quant_convs.")
+    for key in before:  # the rest only rounded to half precision
+        if not key.startswith(encoder):
+            torch.testing.assert_close(after[key], before[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert not torch.allclose(after["encoders.0.layers.0.weight"], before["encoders.0.layers.0.weight"],
+                              rtol=1e-2, atol=1e-3)
+
+
 def test_bundled_weights_fit_the_size_budget():
     folder = bundled_checkpoint_path("swan").parent
     total = sum(path.stat().st_size for path in folder.glob("*.pt"))  # heads and diffusion too
     assert total <= 50 * 2**20
+
+
+def test_half_precision_storage_halves_the_file_and_loads_as_float32(tmp_path, small_swan):
+    full = save_checkpoint(tmp_path / "full.pt", small_swan)
+    half = save_checkpoint(tmp_path / "half.pt", small_swan, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded = load_checkpoint(half).model.state_dict()
+    for key, value in small_swan.state_dict().items():
+        assert loaded[key].dtype == value.dtype, key
+        torch.testing.assert_close(loaded[key], value, rtol=1e-3, atol=1e-4, msg=key)

@@ -217,6 +217,44 @@ def test_cli_scores_every_method_at_every_snr(two_maps, small_checkpoints, tmp_p
                                                    "slices_snr2.png"}
 
 
+def test_cli_scores_held_out_meshes_and_skips_one_that_encloses_nothing(small_checkpoints, tmp_path,
+                                                                       capsys):
+    import trimesh
+
+    from training.evaluate_denoise import main
+
+    meshes = tmp_path / "meshes"
+    meshes.mkdir()
+    trimesh.creation.capsule(height=2.0, radius=0.5).export(meshes / "capsule.obj")
+    trimesh.creation.box((2, 1, 1)).export(meshes / "brick.off")
+    sheet = trimesh.creation.box((1, 1, 1))
+    sheet.update_faces(np.arange(len(sheet.faces)) < 2)  # two triangles: no volume
+    sheet.export(meshes / "sheet.obj")
+    out = tmp_path / "report"
+    assert main(["--checkpoint", str(small_checkpoints["swan"]), "--meshes", str(meshes),
+                 "--methods", "band-pass", "swan", "--out", str(out), "--device", "cpu"]) == 0
+    assert "skipped" in capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert "2 maps (brick.off, capsule.obj)" in report["data"] and "meshes" in report["data"]
+    noisy, band_pass = (report["methods"][k]["0.5"]["psnr"] for k in ("noisy", "band-pass"))
+    assert band_pass > noisy
+
+
+def test_cli_adds_a_noise_aware_row_per_model_method(two_maps, small_checkpoints, tmp_path):
+    from training.evaluate_denoise import main
+
+    out = tmp_path / "report"
+    swan = str(small_checkpoints["swan"])
+    assert main(["--checkpoint", swan, "--maps", *two_maps, "--methods", "band-pass", "swan",
+                 "--denoiser", swan, "--out", str(out), "--device", "cpu"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["methods"]) == ["noisy", "band-pass", "swan", "swan (noise-aware)"]
+    # the same weights through the same method: the same scores
+    assert report["methods"]["swan (noise-aware)"]["0.5"]["psnr"] == pytest.approx(
+        report["methods"]["swan"]["0.5"]["psnr"])
+    assert report["denoiser"]["id"] == report["settings"]["denoiser_id"]
+
+
 def test_cli_refuses_a_folder_with_another_report(two_maps, small_checkpoints, tmp_path, capsys):
     from training.evaluate_denoise import main
 

@@ -78,18 +78,18 @@ def test_a_second_method_on_the_same_noise_reuses_the_noisy_layer(qtbot, viewer_
     assert len(viewer.layers) == 6 and viewer.layers[4].name.startswith("blobs noisy SNR 0.5")
 
 
-def test_swan_denoises_with_the_bundled_checkpoint(qtbot, viewer_with_widget, make_blob_map):
+def test_swan_denoises_with_the_bundled_denoiser(qtbot, viewer_with_widget, make_blob_map):
     viewer, widget = viewer_with_widget
     add_map(viewer, make_blob_map(), "blobs")
     widget.method.value = "swan"
     assert widget.checkpoint.enabled
-    assert typed(widget.checkpoint) == bundled_checkpoint("swan") != ""
+    assert typed(widget.checkpoint) == bundled_checkpoint("swan-denoiser") != ""  # the default
     run_and_wait(qtbot, widget)
     assert widget.status.value.startswith("Done"), widget.status.value
     assert "Against the input" in widget.status.value
     assert [layer.name for layer in viewer.layers] == ["blobs", "blobs denoised (swan)"]
     meta = viewer.layers[1].metadata
-    assert meta["model"] == "swan" and meta["checkpoint"] == bundled_checkpoint("swan")
+    assert meta["model"] == "swan" and meta["checkpoint"] == bundled_checkpoint("swan-denoiser")
     assert len(meta["checkpoint_id"]) == 12
     assert meta["params"]["noise_sd_from"] == "estimated" and "snr" not in meta
 

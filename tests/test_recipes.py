@@ -44,3 +44,41 @@ def test_recipe_installs_the_weights_only_when_asked(monkeypatch, tmp_path):
     assert recipe.main(["data", "--work", str(tmp_path / "work"), "--install"]) == 0
     assert (package / "swan.pt").read_bytes() == b"weights of swan"
     assert (package / "swan-rq1.pt").read_bytes() == b"weights of swan-rq1"
+
+
+def test_denoising_recipe_trains_shapes_fine_tunes_the_encoder_and_installs_half_weights(
+        monkeypatch, tmp_path, small_checkpoints):
+    import shutil
+
+    from napari_cryoswan.checkpoint import load_checkpoint
+    from training.recipes import denoising_checkpoints as denoising
+
+    calls = []
+
+    def fake_train(argv):
+        out = Path(argv[argv.index("--out") + 1])
+        calls.append(("train", argv))
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(small_checkpoints["swan"], out / "model.pt")
+        return 0
+
+    monkeypatch.setattr(denoising.default_corpus, "main", lambda argv: calls.append(("corpus", argv)) or 0)
+    monkeypatch.setattr(recipe.train, "main", fake_train)
+    monkeypatch.setattr(denoising.evaluate_denoise, "main",
+                        lambda argv: calls.append(("evaluate", argv)) or 0)
+    package = tmp_path / "package"
+    monkeypatch.setattr(denoising, "PACKAGE_CHECKPOINTS", package)
+    assert denoising.main(["data", "--work", str(tmp_path / "work"), "--install"]) == 0
+    trains = {Path(argv[argv.index("--out") + 1]).name: argv for kind, argv in calls if kind == "train"}
+    shapes, denoiser = trains["swan-shapes"], trains["swan-denoiser"]
+    assert shapes[shapes.index("--corpus") + 1].endswith("corpus_meshes")
+    assert denoiser[denoiser.index("--init") + 1] == "bundled:swan"
+    assert denoiser[denoiser.index("--train-only") + 1] == "encoder" and "--input-snr" in denoiser
+    evaluations = [argv for kind, argv in calls if kind == "evaluate"]
+    assert [argv[argv.index("--corpus") + 1].rsplit("/", 1)[-1] for argv in evaluations] == [
+        "corpus_meshes", "corpus_default"]
+    assert "--denoiser" in evaluations[1]
+    for name in ("swan-shapes", "swan-denoiser"):
+        installed = package / f"{name}.pt"
+        assert installed.stat().st_size < 0.6 * small_checkpoints["swan"].stat().st_size
+        assert load_checkpoint(installed).provenance["stored_as"] == "float16"

@@ -110,6 +110,17 @@ def test_a_coarse_map_is_flagged_before_the_run(make_blob_map):
     assert any("11.4 Å" in c and "coarser" in c for c in concerns)
 
 
+def test_a_map_that_fills_its_own_box_is_flagged_before_the_run(make_blob_map):
+    # a slab across the whole box, as a membrane: dense on four of the six faces
+    data = np.zeros((40, 40, 40), np.float32)
+    data[15:25] = 1.0
+    concerns = input_concerns(DensityMap(data, (4.0, 4.0, 4.0)), SETTINGS)
+    assert any("edges of its own box" in c for c in concerns)
+    assert not any("edges" in c for c in input_concerns(DensityMap(data, (4.0, 4.0, 4.0)), SETTINGS,
+                                                        for_model=False))
+    assert not any("edges" in c for c in input_concerns(make_blob_map(), SETTINGS))
+
+
 def test_density_outside_the_box_is_flagged_before_and_after_the_run():
     # two blobs 240 Å apart: the 256 Å box, centred on their centre of mass, holds the larger
     grid = np.indices((100, 40, 40)).astype(np.float32)

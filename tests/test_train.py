@@ -220,3 +220,58 @@ def test_usage_counts_are_summed_over_ranks_before_codes_expire(tmp_path):
     for rank in (0, 1):
         ema = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert ema == pytest.approx(expected), rank
+
+
+ENCODER_SIDE = ("encoders.", "combi_convs.", "quant_convs.")
+
+
+def test_noise_aware_fine_tune_changes_only_the_encoder(tiny_corpus, small_checkpoints, tmp_path):
+    init = small_checkpoints["swan"]
+    final = train(settings(tiny_corpus, tmp_path / "run", init=str(init), input_snr=(0.5, 2.0),
+                           train_only="encoder", steps=3, lr=1e-2), progress=False)
+    base, tuned = load_checkpoint(init), load_checkpoint(final)
+    before, after = base.model.state_dict(), tuned.model.state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed and all(key.startswith(ENCODER_SIDE) for key in changed)
+    assert any(key.startswith("encoders.") for key in changed)
+    assert tuned.model.config_dict() == base.model.config_dict()
+    assert tuned.provenance["init_checkpoint_id"] == base.checkpoint_id
+    assert tuned.provenance["input_snr"] == [0.5, 2.0] and tuned.provenance["train_only"] == "encoder"
+    # the fine-tune resumes like any run
+    train(settings(tiny_corpus, tmp_path / "run", init=str(init), input_snr=(0.5, 2.0),
+                   train_only="encoder", steps=4, lr=1e-2, resume=True), progress=False)
+    assert len(list(csv.DictReader(open(tmp_path / "run" / "train_log.csv")))) == 4
+
+
+def test_noisy_inputs_follow_the_noise_model_and_their_seed():
+    from training.train import noisy_inputs
+
+    rng = np.random.default_rng(0)
+    clean = rng.normal(size=(6, 16, 16, 16)).astype(np.float32) * 2.0
+    noisy = noisy_inputs(clean, (0.25, 4.0), [1, 2])
+    snrs = clean.var(axis=(1, 2, 3)) / (noisy - clean).var(axis=(1, 2, 3))
+    assert np.all((snrs > 0.25 * 0.85) & (snrs < 4.0 * 1.15)) and snrs.max() / snrs.min() > 1.5
+    np.testing.assert_array_equal(noisy, noisy_inputs(clean, (0.25, 4.0), [1, 2]))
+    assert not np.array_equal(noisy, noisy_inputs(clean, (0.25, 4.0), [1, 3]))
+
+
+def test_against_clean_swaps_only_the_reconstruction_term():
+    from napari_cryoswan.models.base import ModelOutput
+    from training.train import against_clean
+
+    recon, clean = torch.zeros(1, 1, 4, 4, 4), torch.ones(1, 1, 4, 4, 4)
+    losses = {"recon": torch.tensor(0.5), "commit": torch.tensor(0.25), "total": torch.tensor(0.75)}
+    terms = against_clean(ModelOutput(recon, losses, {}), clean)
+    assert float(terms["recon"]) == 1.0 and float(terms["total"]) == 1.25
+    assert float(terms["commit"]) == 0.25
+
+
+def test_init_must_hold_the_named_model_and_takes_no_set(tiny_corpus, small_checkpoints, tmp_path):
+    with pytest.raises(RunFolderError, match="not --model 'swan-rq1'"):
+        train(settings(tiny_corpus, tmp_path / "run", model="swan-rq1",
+                       init=str(small_checkpoints["swan"])), progress=False)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "swan", "--corpus", "c", "--out", "o", "--init", "x.pt",
+                    "--set", "level_dropout=0.1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "swan", "--corpus", "c", "--out", "o", "--input-snr", "2", "1"])

@@ -454,7 +454,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoints", nargs="+", required=True,
-                   help="checkpoint files (.pt), or bundled:swan and bundled:swan-rq1 for the shipped weights")
+                   help="checkpoint files (.pt), or bundled:NAME for the shipped weights "
+                        "(bundled:swan, bundled:swan-rq1, …)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="a corpus folder from training.build_corpus")
     source.add_argument("--maps", help="a folder of maps, preprocessed for each checkpoint's input "

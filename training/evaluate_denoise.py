@@ -4,16 +4,18 @@
         --snr 0.1 0.25 0.5 1 2 --seed 0 --out report/
 
 or ``--maps PATH ...`` (map files or folders of maps, each preprocessed for the checkpoint's
-input contract). Each clean map gets white Gaussian noise at each SNR (``denoise.add_noise``:
+input contract), or ``--meshes PATH ...`` (mesh files or folders, voxelised as the corpus builder
+does: the paper's ModelNet protocol). Each clean map gets white Gaussian noise at each SNR (``denoise.add_noise``:
 SNR = var(clean) / var(noise) over the box of the z-scored map), seeded from ``--seed``, the SNR
 and the map's position; each method (``--methods``, default all of ``denoise.METHODS``) restores
 it, and the result is scored against the clean map.
 
 Every method is told the noise s.d. (the noise model is known); ``--estimate-noise`` makes the
 methods estimate it from each noisy map instead. The Gaussian's width is tuned per SNR on the
-validation split of the corpus (``--tune-corpus``, default ``--corpus``); with ``--maps`` alone
+validation split of the corpus (``--tune-corpus``, default ``--corpus``); with ``--maps`` or ``--meshes`` alone
 it is tuned on the scored maps themselves, which flatters it, and the report says so.
-``--ablations`` adds rows for the choices inside the latent projection (the scale it undoes,
+``--denoiser CKPT`` adds a "(noise-aware)" row for each model method, run through a noise-aware
+fine-tune of the checkpoint (``training.train --init … --input-snr …``). ``--ablations`` adds rows for the choices inside the latent projection (the scale it undoes,
 a second pass).
 
 Writes ``report.md``, ``report.csv`` and ``report.json`` (its "methods" maps each row, "noisy"
@@ -78,15 +80,38 @@ def evenly_spaced(n: int, k: int | None) -> np.ndarray:
 def read_maps(paths: list[str], contract) -> tuple[np.ndarray, str]:
     """Map files, and the map files in folders, preprocessed for ``contract``, in name order."""
     from napari_cryoswan.io import is_map_path, read_map
+    from training.build_corpus import collect_files
+
+    files = collect_files(paths, is_map_path, "map (.mrc, .map, .ccp4, optionally .gz)")
+    return _preprocessed([read_map(p) for p in files], files, contract)
+
+
+def read_meshes(paths: list[str], contract) -> tuple[np.ndarray, str]:
+    """Mesh files, and the mesh files in folders, voxelised as the corpus builder does
+    (``training.mesh``) in the contract's box and preprocessed for it. A mesh that encloses no
+    volume is skipped with a warning."""
+    from training.build_corpus import collect_files
+    from training.mesh import MeshError, MeshSettings, is_mesh_path, mesh_density
+
+    settings = MeshSettings(box=contract.box, voxel_size=contract.voxel_size)
+    files, densities = [], []
+    for path in collect_files(paths, is_mesh_path, "mesh (.off, .obj, .ply, .stl)"):
+        try:
+            densities.append(mesh_density(path, settings))
+            files.append(path)
+        except MeshError as err:
+            print(f"warning: skipped {err}", file=sys.stderr)
+    if not files:
+        raise ValueError(f"{' '.join(paths)}: no mesh could be voxelised.")
+    volumes, description = _preprocessed(densities, files, contract)
+    return volumes, f"{description}, voxelised from meshes"
+
+
+def _preprocessed(densities, files: list[Path], contract) -> tuple[np.ndarray, str]:
     from napari_cryoswan.preprocess import preprocess
 
-    files = []
-    for path in map(Path, paths):
-        files += sorted(p for p in path.iterdir() if is_map_path(p)) if path.is_dir() else [path]
-    if not files:
-        raise ValueError(f"{' '.join(paths)}: no .mrc/.map/.ccp4(.gz) files found.")
     settings = contract.settings()
-    volumes = np.stack([preprocess(read_map(p), settings).data for p in files])
+    volumes = np.stack([preprocess(d, settings).data for d in densities])
     return volumes, (f"{len(files)} maps ({', '.join(p.name for p in files[:5])}"
                      f"{', …' if len(files) > 5 else ''}), preprocessed to {settings.box}³ at "
                      f"{settings.voxel_size:g} Å")
@@ -119,8 +144,10 @@ def score(outputs: np.ndarray, clean: np.ndarray, voxel_size: float) -> dict:
 
 def evaluate(model, clean: np.ndarray, rows: dict[str, tuple[str | None, dict]], snrs,
              seed: int, voxel_size: float, *, device=None, known_noise: bool = True,
-             gaussian_sigmas: dict | None = None, progress=print) -> tuple[dict, dict]:
+             gaussian_sigmas: dict | None = None, row_models: dict | None = None,
+             progress=print) -> tuple[dict, dict]:
     """Score every row (label → (method or None for the noisy input, params)) at every SNR.
+    A row named in ``row_models`` runs its method through that model instead of ``model``.
 
     Returns ({label: {snr: scores}}, {snr: {"clean" | label: central slices of the first maps}}).
     """
@@ -139,7 +166,8 @@ def evaluate(model, clean: np.ndarray, rows: dict[str, tuple[str | None, dict]],
                 params = {**params, "sigma": gaussian_sigmas[key]}
             start = time.perf_counter()
             outputs = noisy if method is None else np.stack([
-                denoise(n, method, model=model, params=params, device=device,
+                denoise(n, method, model=(row_models or {}).get(label, model), params=params,
+                        device=device,
                         noise_sd=noise_sd_for(c, snr) if known_noise else None).volume
                 for n, c in zip(noisy, clean)])
             seconds = (time.perf_counter() - start) / len(clean)
@@ -163,6 +191,14 @@ def tune_gaussian(volumes: np.ndarray, snrs, seed: int, progress=print) -> tuple
         progress(f"SNR {key}: Gaussian sigma {best[key]:g} voxels "
                  f"({curves[key][best[key]]:.2f} dB on the tuning maps)")
     return best, curves
+
+
+def _check_denoiser(denoiser, contract) -> None:
+    if denoiser.contract.to_dict() != contract.to_dict():
+        raise ValueError(f"--denoiser takes {denoiser.contract.box}³ maps at "
+                         f"{denoiser.contract.voxel_size:g} Å; --checkpoint takes "
+                         f"{contract.box}³ at {contract.voxel_size:g} Å. Fine-tune the checkpoint "
+                         "itself (training.train --init).")
 
 
 def check_out_folder(out: Path, settings: dict, overwrite: bool) -> None:
@@ -270,18 +306,20 @@ def _best(methods: dict, column: str, key: str) -> float:
 
 
 def _plot_psnr(methods: dict, path: Path) -> None:
+    import matplotlib
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
+    fig = Figure(figsize=(8.5, 4.2), layout="constrained")
     ax = fig.add_subplot()
-    for label, by_snr in methods.items():
+    colours = matplotlib.colormaps["tab20"].colors  # one colour per row, up to 20 rows
+    for i, (label, by_snr) in enumerate(methods.items()):
         snrs = [float(k) for k in by_snr]
         ax.plot(snrs, [row["psnr"] for row in by_snr.values()], marker="o", label=label,
-                linestyle="--" if label == "noisy" else "-")
+                color=colours[i % len(colours)], linestyle="--" if label == "noisy" else "-")
     ax.set(xscale="log", xlabel="SNR (var(clean) / var(noise))", ylabel="PSNR (dB)",
            title="Denoising: PSNR against the clean map")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside, not over, the lines
     _save_figure(fig, path)
 
 
@@ -323,6 +361,9 @@ def _parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--corpus", help="a corpus folder from training.build_corpus")
     source.add_argument("--maps", nargs="+", help="map files or folders of maps")
+    source.add_argument("--meshes", nargs="+",
+                        help="mesh files (.off, .obj, .ply, .stl) or folders of them, voxelised as "
+                             "the corpus builder does (the paper's ModelNet protocol)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--max-maps", type=int, default=None,
                    help="score at most this many maps, spread evenly over the split")
@@ -330,6 +371,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="signal-to-noise ratios (repeatable; default 0.5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--denoiser", metavar="CKPT",
+                   help="a noise-aware fine-tune of the checkpoint (training.train --init "
+                        "--input-snr): adds a '(noise-aware)' row for each model method")
     p.add_argument("--ablations", action="store_true",
                    help="add rows for the latent projection's scaling and a second pass")
     p.add_argument("--estimate-noise", action="store_true",
@@ -373,14 +417,23 @@ def _run(args, snrs: list[float]) -> int:
     if args.corpus:
         clean, description = corpus_split(args.corpus, args.split, contract, args.max_maps)
     else:
-        clean, description = read_maps(args.maps, contract)
+        read = read_maps if args.maps else read_meshes
+        clean, description = read(args.maps or args.meshes, contract)
         clean = clean[evenly_spaced(len(clean), args.max_maps)]
     rows = {"noisy": (None, {}), **{m: (m, {}) for m in args.methods}}
+    row_models, denoiser = {}, None
+    if args.denoiser:
+        denoiser = session.checkpoint(resolve_checkpoint(args.denoiser))
+        _check_denoiser(denoiser, contract)
+        for method in (m for m in args.methods if METHODS[m].needs_model):
+            rows[f"{method} (noise-aware)"] = (method, {})
+            row_models[f"{method} (noise-aware)"] = denoiser.model
     if args.ablations:
         rows.update(ABLATIONS)
     settings = {"checkpoint_id": loaded.checkpoint_id, "data": description, "snrs": snrs,
                 "seed": args.seed, "rows": list(rows), "estimate_noise": args.estimate_noise,
-                "tune_corpus": args.tune_corpus or args.corpus, "tune_maps": args.tune_maps}
+                "tune_corpus": args.tune_corpus or args.corpus, "tune_maps": args.tune_maps,
+                "denoiser_id": denoiser and denoiser.checkpoint_id}
     out = Path(args.out)
     check_out_folder(out, settings, args.overwrite)
 
@@ -400,13 +453,19 @@ def _run(args, snrs: list[float]) -> int:
           f"{', '.join(f'{s:g}' for s in snrs)}", flush=True)
     results, slices = evaluate(loaded.model, clean, rows, snrs, args.seed, contract.voxel_size,
                                device=session.device, known_noise=not args.estimate_noise,
-                               gaussian_sigmas=sigmas, progress=lambda m: print(m, flush=True))
+                               gaussian_sigmas=sigmas, row_models=row_models,
+                               progress=lambda m: print(m, flush=True))
     report = {
         "report": REPORT,
         "settings": settings,
         "data": description,
         "checkpoint": {"path": str(checkpoint), "id": loaded.checkpoint_id,
                        "model": loaded.model.name, "contract": contract.to_dict()},
+        "denoiser": denoiser and {
+            "path": str(args.denoiser), "id": denoiser.checkpoint_id,
+            "fine_tuned_from": denoiser.provenance.get("init_checkpoint_id"),
+            "input_snr": denoiser.provenance.get("input_snr"),
+            "train_only": denoiser.provenance.get("train_only")},
         "noise_model": NOISE_MODEL,
         "noise_sd": ("Each method estimates the noise s.d. from the noisy map (--estimate-noise)."
                      if args.estimate_noise else "Each method is told the noise s.d."),

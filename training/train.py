@@ -21,6 +21,15 @@ Run folder:
     best.pt            the weights with the lowest validation loss
     model.pt           the final weights (what the plugin and evaluate load)
 
+Noise-aware fine-tune (the denoiser of docs/DENOISING.md): ``--init CKPT`` starts from a
+checkpoint's weights and configuration, ``--input-snr LO HI`` adds white Gaussian noise to every
+input at an SNR drawn log-uniformly from [LO, HI] (``denoise.add_noise``, seeded by seed, step and
+map) while the loss compares the reconstruction with the clean map, and ``--train-only encoder``
+freezes the codebooks and the decoder (the model stays in eval mode, so no code is renewed):
+the fine-tuned encoder then sends a noisy map to codes that the unchanged decoder reads as the
+clean map's, in the same latent space as the checkpoint it started from. Validation adds the same
+kind of noise, seeded per map.
+
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node N -m training.train …``; the global
 batch is split across processes and rank 0 writes the run folder.
 """
@@ -45,6 +54,7 @@ from training._defaults import dataclass_defaults
 from training.corpus import CorpusSet, write_json_atomic
 
 LOG_FIELDS = ("step", "loss", "recon", "commit", "kl", "volumes_per_s")
+VALIDATION_NOISE_STREAM = 2**32 - 1  # seeds validation noise apart from every training step (a step number)
 
 
 @dataclass
@@ -67,6 +77,9 @@ class TrainSettings:
     resume: bool = False
     decay_all: bool = False
     overrides: dict = field(default_factory=dict)
+    init: str | None = None
+    input_snr: tuple[float, float] | None = None
+    train_only: str | None = None
 
 
 def parse_args(argv=None) -> TrainSettings:
@@ -109,8 +122,23 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="replace one field of the preset's model config, e.g. --set level_dropout=0.25 "
                         "(VALUE is read as JSON, else as text; repeatable)")
+    noise = p.add_argument_group("noise-aware fine-tune")
+    noise.add_argument("--init", metavar="CKPT",
+                       help="start from this checkpoint's weights and configuration (bundled:swan or "
+                            "a .pt); --model must name its model, and --preset and --set do not apply")
+    noise.add_argument("--input-snr", type=float, nargs=2, metavar=("LO", "HI"),
+                       help="add noise to every input at an SNR drawn log-uniformly from [LO, HI] and "
+                            "learn to reconstruct the clean map")
+    noise.add_argument("--train-only", choices=("encoder",),
+                       help="train only the encoder (and the convs that feed the quantizer); codebooks "
+                            "and decoder stay as --init left them")
     args = p.parse_args(argv)
     args.overrides = _parse_overrides(args.overrides, p)
+    if args.input_snr and not 0 < args.input_snr[0] <= args.input_snr[1]:
+        p.error("--input-snr LO HI needs 0 < LO <= HI")
+    if args.init and args.overrides:
+        p.error("--set changes a new model's configuration; --init takes the checkpoint's")
+    args.input_snr = tuple(args.input_snr) if args.input_snr else None
     return TrainSettings(**vars(args))
 
 
@@ -135,7 +163,8 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     """Run training as ``settings`` say; returns the path of the final weights (model.pt)."""
     import torch
 
-    from napari_cryoswan.checkpoint import InputContract, load_checkpoint, save_checkpoint
+    from napari_cryoswan.checkpoint import (InputContract, load_checkpoint, resolve_checkpoint,
+                                            save_checkpoint)
     from napari_cryoswan.engine import autocast, choose_device
     from napari_cryoswan.models.registry import build_model, default_optimizer, step_codebooks
 
@@ -156,10 +185,20 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
         raise RunFolderError(f"{', '.join(corpus_paths)}: the training split is empty.")
 
     torch.manual_seed(settings.seed)
-    try:
-        model = build_model(settings.model, preset=settings.preset, **settings.overrides).to(device)
-    except (TypeError, ValueError) as error:
-        raise RunFolderError(f"--set {settings.overrides}: {error}") from error
+    init_provenance = {}
+    if settings.init:
+        init = load_checkpoint(resolve_checkpoint(settings.init))
+        _check_init(init, settings.model, corpus)
+        model = init.model.to(device)
+        init_provenance = {"init": str(settings.init), "init_checkpoint_id": init.checkpoint_id}
+    else:
+        try:
+            model = build_model(settings.model, preset=settings.preset, **settings.overrides).to(device)
+        except (TypeError, ValueError) as error:
+            raise RunFolderError(f"--set {settings.overrides}: {error}") from error
+    frozen = settings.train_only is not None
+    if frozen:
+        _freeze_all_but_encoder(model)
     optimizer = default_optimizer(model, settings.lr, settings.weight_decay, decay_all=settings.decay_all)
     start_step, best_val = 0, math.inf
     if settings.resume:
@@ -178,7 +217,10 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
 
     wrapped = _wrap_distributed(model, device, world)
     provenance = {"corpus": ", ".join(map(str, corpus_paths)), "corpus_id": corpus.corpus_id,
-                  "preset": settings.preset, "overrides": settings.overrides, "seed": settings.seed}
+                  "preset": None if settings.init else settings.preset, "overrides": settings.overrides,
+                  "seed": settings.seed, **init_provenance}
+    if settings.input_snr:
+        provenance.update(input_snr=list(settings.input_snr), train_only=settings.train_only)
     # The model learns the corpus's maps, so they are its input contract.
     save = functools.partial(save_checkpoint, overwrite=True, contract=InputContract(
         corpus.box, corpus.voxel_size))
@@ -188,17 +230,23 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
         for step in range(start_step + 1, settings.steps + 1):
             tic = time.perf_counter()
             ids = _batch_ids(train_ids, settings.batch_size, settings.seed, step, rank, world)
-            x = torch.from_numpy(corpus.load_batch(ids)[:, None]).to(device)
-            model.train()
+            clean = corpus.load_batch(ids)
+            inputs = clean if not settings.input_snr else noisy_inputs(
+                clean, settings.input_snr, [settings.seed, step, rank])
+            x = torch.from_numpy(inputs[:, None]).to(device)
+            model.train(not frozen)  # frozen codebooks must not count, seed or renew codes
             with autocast(device, settings.amp):
-                terms = wrapped(x).losses
+                output = wrapped(x)
+            terms = output.losses if not settings.input_snr else against_clean(
+                output, torch.from_numpy(clean[:, None]).to(device))
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             optimizer.step()
-            step_codebooks(model, optimizer)  # counts summed over ranks before any code is renewed
-            _sync_codebooks(model, world)
+            if not frozen:
+                step_codebooks(model, optimizer)  # counts summed over ranks before any code is renewed
+                _sync_codebooks(model, world)
             rate = len(ids) * world / (time.perf_counter() - tic)
             if rank != 0:
                 continue
@@ -207,7 +255,8 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
             bar.set_postfix(loss=f"{row['loss']:.4f}", vol_s=f"{rate:.1f}")
             bar.update(1)
             if step % settings.val_every == 0 or step == settings.steps:
-                record = validate(model, corpus, val_ids, device, settings.batch_size, step)
+                record = validate(model, corpus, val_ids, device, settings.batch_size, step,
+                                  settings.input_snr, settings.seed)
                 _append_jsonl(out / "validation.jsonl", record)
                 if record["loss"] < best_val:
                     best_val = record["loss"]
@@ -234,8 +283,11 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     return final
 
 
-def validate(model, corpus, ids, device, batch_size: int, step: int) -> dict:
-    """Mean reconstruction loss and PSNR over ``ids``, and codebook usage per level."""
+def validate(model, corpus, ids, device, batch_size: int, step: int,
+             input_snr: tuple[float, float] | None = None, seed: int = 0) -> dict:
+    """Mean reconstruction loss and PSNR over ``ids``, and codebook usage per level. With
+    ``input_snr`` the inputs get noise (seeded per map, the same at every validation) and the
+    reconstructions are judged against the clean maps."""
     import torch
 
     from napari_cryoswan.engine import autocast, batches
@@ -247,10 +299,15 @@ def validate(model, corpus, ids, device, batch_size: int, step: int) -> dict:
     with torch.inference_mode():
         for part in batches(len(ids), batch_size):
             volumes = corpus.load_batch(ids[part])
-            x = torch.from_numpy(volumes[:, None]).to(device)
+            inputs = volumes if not input_snr else np.stack([
+                noisy_inputs(v[None], input_snr, [seed, VALIDATION_NOISE_STREAM, int(i)])[0]
+                for v, i in zip(volumes, ids[part])])
+            x = torch.from_numpy(inputs[:, None]).to(device)
             with autocast(device):
                 output = model(x)
-            losses.append(float(output.losses["recon"]) * len(volumes))
+            recon_loss = output.losses["recon"] if not input_snr else against_clean(
+                output, torch.from_numpy(volumes[:, None]).to(device))["recon"]
+            losses.append(float(recon_loss) * len(volumes))
             recon = output.recon[:, 0].float().cpu().numpy()
             psnrs.extend(psnr(r, v) for r, v in zip(recon, volumes))
     model.train()
@@ -260,6 +317,47 @@ def validate(model, corpus, ids, device, batch_size: int, step: int) -> dict:
         "psnr": float(np.mean(psnrs)) if psnrs else float("nan"),
         "codebook_usage": model.codebook_usage(),
     }
+
+
+def noisy_inputs(clean: np.ndarray, snr_range: tuple[float, float], seed: list[int]) -> np.ndarray:
+    """Each map of ``clean`` (N, D, H, W) plus the noise model's white noise at an SNR drawn
+    log-uniformly from ``snr_range``; map i's SNR and noise are seeded by ``[*seed, i]``."""
+    from napari_cryoswan.denoise import add_noise
+
+    low, high = np.log(snr_range[0]), np.log(snr_range[1])
+    noisy = []
+    for i, volume in enumerate(clean):
+        rng = np.random.default_rng([*seed, i])
+        noisy.append(add_noise(volume, float(np.exp(rng.uniform(low, high))), rng))
+    return np.stack(noisy)
+
+
+def against_clean(output, clean):
+    """The model's loss terms with the reconstruction term taken against ``clean`` instead of the
+    (noisy) input: every model's total is its reconstruction MSE plus the other terms
+    (commitment, KL), so the swap keeps their weights."""
+    import torch.nn.functional as F
+
+    recon = F.mse_loss(output.recon.float(), clean)
+    return {**output.losses, "recon": recon, "total": output.losses["total"] - output.losses["recon"] + recon}
+
+
+def _check_init(init, model_name: str, corpus) -> None:
+    """--init must hold the --model, trained on maps of the corpus's geometry."""
+    if init.model.name != model_name:
+        raise RunFolderError(f"--init holds a {init.model.name!r} model, not --model {model_name!r}.")
+    if (init.contract.box, init.contract.voxel_size) != (corpus.box, corpus.voxel_size):
+        raise RunFolderError(
+            f"--init was trained on {init.contract.box}³ maps at {init.contract.voxel_size:g} Å; the "
+            f"corpus holds {corpus.box}³ maps at {corpus.voxel_size:g} Å.")
+
+
+def _freeze_all_but_encoder(model) -> None:
+    trainable = {id(p) for p in model.encoder_parameters()}
+    if not trainable:
+        raise RunFolderError(f"--train-only encoder: {model.name} names no encoder modules.")
+    for param in model.parameters():
+        param.requires_grad_(id(param) in trainable)
 
 
 def _batch_ids(train_ids, batch_size, seed, step, rank, world) -> np.ndarray:

@@ -34,7 +34,10 @@ FORMAT = "napari-cryoswan"
 FORMAT_VERSION = 2
 KINDS = ("autoencoder", "diffusion")
 NORMALISATIONS = ("z-score", "none")
-BUNDLED = {"swan": "swan.pt", "swan-rq1": "swan-rq1.pt"}
+# name → file in checkpoints/: Cryo-SWAN, its RQ1-only ablation, its encoder fine-tuned on noisy
+# maps for denoising, and Cryo-SWAN trained on voxelised meshes (docs/CHECKPOINTS.md)
+BUNDLED = {"swan": "swan.pt", "swan-rq1": "swan-rq1.pt", "swan-denoiser": "swan-denoiser.pt",
+           "swan-shapes": "swan-shapes.pt"}
 
 
 class CheckpointError(ValueError):
@@ -93,12 +96,16 @@ def save_checkpoint(
     kind: str = "autoencoder",
     overwrite: bool = False,
     extra: dict | None = None,
+    half: bool = False,
 ) -> Path:
     """Write ``model`` (weights, config, provenance) atomically: a temporary file, then a rename.
 
     ``contract``: the input the model was trained on (training passes its corpus's box and
     voxel size); None means the paper's preprocessing, ``PreprocessSettings()``.
     ``extra``: further top-level entries of plain types (a diffusion model's autoencoder).
+    ``half``: store floating-point weights as float16, half the file (the bundled files that the
+    size budget would not fit otherwise; docs/CHECKPOINTS.md measures what it costs). Loading
+    casts them back to the model's float32.
     """
     import torch
 
@@ -117,7 +124,7 @@ def save_checkpoint(
         "input": contract.to_dict(),
         "model": model.name,
         "config": model.config_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: _stored(v.detach().cpu(), half) for k, v in model.state_dict().items()},
         "provenance": {
             "code_version": __version__,
             "torch_version": str(torch.__version__),
@@ -132,6 +139,12 @@ def save_checkpoint(
     with atomic_path(path) as tmp_name:
         torch.save(payload, tmp_name)
     return path
+
+
+def _stored(tensor, half: bool):
+    import torch
+
+    return tensor.half() if half and tensor.dtype == torch.float32 else tensor
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str = "cpu",
@@ -225,7 +238,7 @@ def bundled_checkpoint_path(name: str = "swan") -> Path:
 
 
 def resolve_checkpoint(spec: str | os.PathLike) -> Path:
-    """A checkpoint named on a command line: ``bundled:swan`` / ``bundled:swan-rq1`` for the
+    """A checkpoint named on a command line: ``bundled:NAME`` (a name of ``BUNDLED``) for the
     weights shipped in the package, anything else a file path."""
     text = str(spec)
     if text.startswith("bundled:"):

@@ -172,7 +172,8 @@ class Session:
         if method_named(method).needs_model:
             return self.describe_reconstruction(density, checkpoint)
         settings = PreprocessSettings()
-        return describe_preprocessing(density, settings), input_concerns(density, settings)
+        return (describe_preprocessing(density, settings),
+                input_concerns(density, settings, for_model=False))
 
     def denoise(
         self,
@@ -196,13 +197,15 @@ class Session:
         from .preprocess import PreprocessSettings
 
         loaded, settings, device = None, PreprocessSettings(), None
-        if method_named(method).needs_model:
+        uses_model = method_named(method).needs_model
+        if uses_model:
             (stage or (lambda done, total, message: None))(0, 1, "loading the checkpoint")
             loaded = self.checkpoint(checkpoint)
             settings, device = loaded.contract.settings(), self.device
         result = denoise_map(density, settings, method, checkpoint=loaded, snr=snr, seed=seed,
                              params=params, device=device, stage=stage, should_stop=should_stop)
-        result.notes[:0] = input_concerns(density, settings, estimate_outside=False)
+        result.notes[:0] = input_concerns(density, settings, estimate_outside=False,
+                                          for_model=uses_model)
         return result
 
     # --- generation ----------------------------------------------------------------------

@@ -30,13 +30,30 @@ TRAIN_ARGS = ["--steps", "1500", "--batch-size", "4", "--val-every", "100",
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parents[2] / "src" / "napari_cryoswan" / "checkpoints"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.recipes.default_checkpoints",
-                                     description=__doc__,
+def train_or_resume(out: Path, train_args: list[str]) -> int:
+    """Run ``training.train`` into ``out`` unless it finished there: resumed from its last
+    checkpoint, or started again when it stopped before the first one."""
+    if (out / "model.pt").is_file():
+        return 0
+    if out.is_dir() and not (out / "last.pt").is_file():
+        print(f"{out} stopped before its first checkpoint: starting it again")
+        shutil.rmtree(out)
+    resume = ["--resume"] if (out / "last.pt").is_file() else []
+    return train.main([*train_args, "--out", str(out), *resume])
+
+
+def recipe_parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The arguments every checkpoint recipe takes: the data folder, --work and --device."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path, help="the offline data folder (structures/, meshes/)")
-    parser.add_argument("--work", type=Path, default=Path("runs"), help="corpus, runs and report")
+    parser.add_argument("--work", type=Path, default=Path("runs"), help="corpora, runs and reports")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = recipe_parser("training.recipes.default_checkpoints", __doc__)
     parser.add_argument("--preset", default="cpu", choices=("cpu", "full"),
                         help="'cpu' (what a 2-core CPU trains in about an hour) or 'full' (the paper's widths; a GPU's work)")
     parser.add_argument("--install", action="store_true",
@@ -50,16 +67,10 @@ def main(argv=None) -> int:
     finals = []
     for model in MODELS:
         out = args.work / model
-        if out.is_dir() and not (out / "last.pt").is_file() and not (out / "model.pt").is_file():
-            print(f"{out} stopped before its first checkpoint: starting {model} again")
-            shutil.rmtree(out)
-        resume = ["--resume"] if (out / "last.pt").is_file() else []
-        if not (out / "model.pt").is_file():
-            code = train.main(["--model", model, "--corpus", str(corpus), "--out", str(out),
-                               "--device", args.device, "--preset", args.preset, *TRAIN_ARGS,
-                               *resume])
-            if code:
-                return code
+        code = train_or_resume(out, ["--model", model, "--corpus", str(corpus), "--device",
+                                     args.device, "--preset", args.preset, *TRAIN_ARGS])
+        if code:
+            return code
         finals.append(out / "model.pt")
     code = evaluate.main(["--checkpoints", *map(str, finals), "--corpus", str(corpus),
                           "--split", "test", "--out", str(args.work / "report"),

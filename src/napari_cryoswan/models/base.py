@@ -57,6 +57,9 @@ class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
     """
 
     name: str = ""
+    # The modules between the volume and the quantizer: a noise-aware fine-tune trains only these,
+    # so its codes keep their meaning for the frozen codebooks and decoder.
+    encoder_modules: tuple[str, ...] = ("encoder", "quant_conv")
 
     def __init__(self, config):
         super().__init__()
@@ -99,6 +102,11 @@ class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
         """The training objective: (total, every term detached)."""
         losses = self(x).losses
         return losses["total"], {key: value.detach() for key, value in losses.items()}
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The parameters of ``encoder_modules`` (empty for a model without them)."""
+        return [param for name in self.encoder_modules if isinstance(getattr(self, name, None), nn.Module)
+                for param in getattr(self, name).parameters()]
 
     def codebooks(self) -> dict[str, nn.Module]:
         """Level name → codebook; empty for the continuous VAEs."""

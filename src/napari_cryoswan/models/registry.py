@@ -123,8 +123,10 @@ def default_optimizer(model: nn.Module, lr: float = PAPER_LR, weight_decay: floa
     """Adam with the paper's learning rate and weight decay, the decay on conv and linear weights
     only (``parameter_groups``). Adam's decay is coupled: an unused codebook row, whose only
     gradient is the decay, moves lr per step toward zero and vanishes before it can be chosen.
-    ``decay_all`` restores the decay on every parameter (runs made before this change)."""
-    params = model.parameters() if decay_all else parameter_groups(model, weight_decay)
+    ``decay_all`` restores the decay on every parameter (runs made before this change). Frozen
+    parameters (``requires_grad`` False) are left out."""
+    params = ([p for p in model.parameters() if p.requires_grad] if decay_all
+              else parameter_groups(model, weight_decay))
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
 
 

@@ -114,6 +114,7 @@ class CryoSwan(Autoencoder):
     """
 
     name = "swan"
+    encoder_modules = ("encoders", "combi_convs", "quant_convs")
 
     def __init__(self, config: SwanConfig):
         super().__init__(config)

@@ -14,6 +14,9 @@ from ..session import DENOISE_METHODS, bundled_checkpoint
 from ._jobs import Job, ModelJobWidget, typed_path
 
 DEFAULT_METHOD = "swan-rotations"  # the best Cryo-SWAN method (docs/DENOISING.md)
+# The bundled Cryo-SWAN with its encoder fine-tuned on noisy maps: same codes, better projections
+# at every SNR measured (docs/DENOISING.md).
+DEFAULT_CHECKPOINT = "swan-denoiser"
 DEFAULT_SNR = 0.5  # the paper's protocol
 
 
@@ -33,7 +36,7 @@ class DenoiseWidget(ModelJobWidget):
                     "0.5 (the paper's) gives noise of s.d. √2 on a z-scored map.")
         self.seed = SpinBox(label="seed", value=0, min=0, max=2**31 - 1,
                             tooltip="The same seed gives the same noise.")
-        super().__init__(viewer, checkpoint=bundled_checkpoint("swan"),
+        super().__init__(viewer, checkpoint=bundled_checkpoint(DEFAULT_CHECKPOINT),
                          extra=(self.method, self.add_noise, self.snr, self.seed))
         # The method decides whether a checkpoint is used, so it comes first.
         self.remove(self.method)
