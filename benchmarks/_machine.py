@@ -15,3 +15,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def run_line(**versions: str) -> str:
+    """The date, the CPU, torch's threads and the versions: what a benchmark prints first.
+    ``versions``: further packages, e.g. ``run_line(**{"scikit-image": skimage.__version__})``."""
+    import datetime
+
+    import torch
+
+    extra = "".join(f", {name} {version}" for name, version in versions.items())
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu_name()}, "
+            f"{torch.get_num_threads()} torch threads; Python {platform.python_version()}, "
+            f"torch {torch.__version__}{extra}")

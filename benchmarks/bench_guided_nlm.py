@@ -19,9 +19,7 @@ project's [0, 1] scale of ``metrics.psnr``).
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import platform
 import sys
 from pathlib import Path
 
@@ -42,9 +40,8 @@ def guided_nl_means(noisy: np.ndarray, guide: np.ndarray, noise_sd: float, alpha
 
 def main(argv=None) -> None:
     import skimage
-    import torch
 
-    from _machine import cpu_name
+    from _machine import run_line
     from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
     from napari_cryoswan.denoise import add_noise, denoise, noise_sd_for
     from napari_cryoswan.metrics import psnr
@@ -63,9 +60,7 @@ def main(argv=None) -> None:
 
     loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
     clean, description = corpus_split(args.corpus, args.split, loaded.contract, args.maps)
-    print(f"# Guided non-local means\n\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-          f"{cpu_name()}, {torch.get_num_threads()} torch threads; Python {platform.python_version()}, "
-          f"torch {torch.__version__}, scikit-image {skimage.__version__}\n"
+    print(f"# Guided non-local means\n\n{run_line(**{'scikit-image': skimage.__version__})}\n"
           f"checkpoint {args.checkpoint} ({loaded.checkpoint_id}); {description}\n")
     settings = list(itertools.product(args.alpha, args.h_factor))
     labels = ["nl-means", "swan-rotations", *(f"guided α {a:g}, h {h:g} σ" for a, h in settings)]

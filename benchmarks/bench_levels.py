@@ -18,9 +18,7 @@ MSE on the corpus's z-scored maps.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 from pathlib import Path
 
@@ -74,7 +72,7 @@ def level_statistics(model, volumes, usage_volumes) -> dict:
 def main(argv=None) -> None:
     import torch
 
-    from _machine import cpu_name
+    from _machine import run_line
     from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
     from training.corpus import CorpusSet
 
@@ -89,9 +87,7 @@ def main(argv=None) -> None:
     corpus = CorpusSet([args.corpus])
     volumes = torch.from_numpy(corpus.load_batch(corpus.split_indices(args.split))[:, None])
     usage = torch.from_numpy(corpus.load_batch(corpus.split_indices("train")[:args.usage_maps])[:, None])
-    print(f"# Information in each level\n\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; "
-          f"{cpu_name()}, {torch.get_num_threads()} torch threads; Python {platform.python_version()}, "
-          f"torch {torch.__version__}\ncorpus {args.corpus} (id {corpus.corpus_id}), {args.split} split: "
+    print(f"# Information in each level\n\n{run_line()}\ncorpus {args.corpus} (id {corpus.corpus_id}), {args.split} split: "
           f"{len(volumes)} maps; usage over {len(usage)} training maps\n")
     rows = {}
     for spec in args.checkpoints:
