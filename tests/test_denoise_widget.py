@@ -57,7 +57,7 @@ def test_noise_then_a_classical_filter_gives_two_layers_over_the_input(qtbot, vi
     assert tuple(noisy.contrast_limits) == tuple(denoised.contrast_limits)  # one grey scale
     assert viewer.layers.selection.active is denoised
     plot = FSCWidget(viewer)
-    assert set(plot.curves()) == {f"{name} vs input" for name in names[1:]}
+    assert set(plot.curves()) == {f"{name} vs clean map" for name in names[1:]}
     plot.redraw()
     np.testing.assert_allclose(plot.axes.lines[1].get_ydata(), denoised.metadata["fsc"]["correlation"])
 
@@ -92,6 +92,7 @@ def test_swan_denoises_with_the_bundled_denoiser(qtbot, viewer_with_widget, make
     assert meta["model"] == "swan" and meta["checkpoint"] == bundled_checkpoint("swan-denoiser")
     assert len(meta["checkpoint_id"]) == 12
     assert meta["params"]["noise_sd_from"] == "estimated" and "snr" not in meta
+    assert "fsc_against" not in meta  # against the input it denoised
 
 
 def typed(field):

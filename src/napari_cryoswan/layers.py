@@ -16,7 +16,7 @@ docs/ARCHITECTURE.md): a result layer says where it came from, so any widget can
     preprocessing     the PreprocessRecord as a dict (where the model's box sits, in Å)
     fsc               FSCCurve.to_dict() of the result against the preprocessed input (the
                       clean map, when noise was added; the anchor, for a generated variant)
-    fsc_against       what ``fsc`` compares with when it is not the input ("anchor")
+    fsc_against       what ``fsc`` compares with when it is not the input ("anchor", "clean map")
     strength, steps   a generated variant's SDEdit strength and DDIM steps (its seed in ``seed``)
     autoencoder_checkpoint_id   the autoencoder whose latents a diffusion model learned
     metrics           voxel metrics against the preprocessed input
@@ -152,8 +152,8 @@ def denoised_layer_data(source_name: str, source_id: str, result,
     scale, translate = result.placement
     common = {**_provenance(source_name, source_id, result),
               "method": result.method, "params": dict(result.params)}
-    if result.snr is not None:
-        common.update(snr=result.snr, seed=result.seed)
+    if result.snr is not None:  # noise was added: the input is the clean reference
+        common.update(snr=result.snr, seed=result.seed, fsc_against="clean map")
     if result.checkpoint is not None:
         common.update(model=result.model, checkpoint=result.checkpoint,
                       checkpoint_id=result.checkpoint_id)
