@@ -4,19 +4,20 @@
         --snr 0.1 0.25 0.5 1 2 --seed 0 --out report/
 
 or ``--maps PATH ...`` (map files or folders of maps, each preprocessed for the checkpoint's
-input contract), or ``--meshes PATH ...`` (mesh files or folders, voxelised as the corpus builder
-does: the paper's ModelNet protocol). Each clean map gets white Gaussian noise at each SNR (``denoise.add_noise``:
-SNR = var(clean) / var(noise) over the box of the z-scored map), seeded from ``--seed``, the SNR
-and the map's position; each method (``--methods``, default all of ``denoise.METHODS``) restores
-it, and the result is scored against the clean map.
+input contract), or ``--meshes PATH ...`` (mesh files or folders, voxelised as the corpus
+builder does: the paper's ModelNet protocol). Each clean map gets white Gaussian noise at each
+SNR (``denoise.add_noise``: SNR = var(clean) / var(noise) over the box of the z-scored map),
+seeded from ``--seed``, the SNR and the map's position; each method (``--methods``, default all
+of ``denoise.METHODS``) restores it, and the result is scored against the clean map.
 
 Every method is told the noise s.d. (the noise model is known); ``--estimate-noise`` makes the
 methods estimate it from each noisy map instead. The Gaussian's width is tuned per SNR on the
-validation split of the corpus (``--tune-corpus``, default ``--corpus``); with ``--maps`` or ``--meshes`` alone
-it is tuned on the scored maps themselves, which flatters it, and the report says so.
-``--denoiser CKPT`` adds a "(noise-aware)" row for each model method, run through a noise-aware
-fine-tune of the checkpoint (``training.train --init … --input-snr …``). ``--ablations`` adds rows for the choices inside the latent projection (the scale it undoes,
-a second pass).
+validation split of the corpus (``--tune-corpus``, default ``--corpus``); with ``--maps`` or
+``--meshes`` alone it is tuned on the scored maps themselves, which flatters it, and the report
+says so. ``--denoiser CKPT`` adds a "(noise-aware)" row for each model method, run through a
+noise-aware fine-tune of the checkpoint (``training.train --init … --input-snr …``).
+``--ablations`` adds rows for the choices inside the latent projection (the scale it undoes, a
+second pass).
 
 Writes ``report.md``, ``report.csv`` and ``report.json`` (its "methods" maps each row, "noisy"
 first, to its mean PSNR, SSIM, RMSE, MSE, IoU, F1 and FSC resolutions per SNR), ``psnr.png``

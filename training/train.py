@@ -26,9 +26,8 @@ checkpoint's weights and configuration, ``--input-snr LO HI`` adds white Gaussia
 input at an SNR drawn log-uniformly from [LO, HI] (``denoise.add_noise``, seeded by seed, step and
 map) while the loss compares the reconstruction with the clean map, and ``--train-only encoder``
 freezes the codebooks and the decoder (the model stays in eval mode, so no code is renewed):
-the fine-tuned encoder then sends a noisy map to codes that the unchanged decoder reads as the
-clean map's, in the same latent space as the checkpoint it started from. Validation adds the same
-kind of noise, seeded per map.
+the fine-tuned encoder learns to send a noisy map to codes that the unchanged decoder reads as
+the clean map's. Validation adds the same kind of noise, seeded per map.
 
 Several GPUs (or CPU processes): ``torchrun --nproc_per_node N -m training.train …``; the global
 batch is split across processes and rank 0 writes the run folder.

@@ -29,9 +29,9 @@ Stage = Callable[[int, int, str], None]  # (done, total, what is happening)
 MIN_VOXELS_PER_AXIS = 8  # at the model's voxel size
 COARSEST_VOXEL_FACTOR = 2.0  # map voxel / model voxel
 CROPPED_FRACTION = 0.05  # of the positive density, outside the box
-# Of the voxels on the map's own box faces, above its mean + 1 s.d.: 0 for every map of the
-# training corpora and 0.02 for a particle boxed tightly, 0.10-0.16 for the EMDB maps of a
-# membrane (EMD-3197) and a crystal (EMD-3001), which fill their boxes.
+# Of the voxels on the map's own box faces, above its mean + 1 s.d.: at most 0.03 over the maps of
+# the training corpora, 0.10-0.16 for the EMDB maps of a membrane (EMD-3197) and a crystal
+# (EMD-3001), which fill their boxes (benchmarks/bench_dense_faces.py).
 DENSE_FACES_FRACTION = 0.05
 
 

@@ -1,0 +1,51 @@
+"""Where the "fills its own box" warning draws its line: ``reconstruction.fraction_of_faces_dense``
+(the share of a map's box-face voxels above its mean + 1 s.d.) over every map of training corpora
+and over map files, against ``DENSE_FACES_FRACTION``.
+
+    python benchmarks/bench_dense_faces.py --corpus corpus_default corpus_meshes --maps ../shared/data/maps/*.map.gz
+
+Prints the machine and date, then per corpus the largest value, its 99th percentile and how many
+maps lie above the threshold, and per map file its value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None) -> None:
+    from _machine import run_line
+    from napari_cryoswan.io import DensityMap, read_map
+    from napari_cryoswan.reconstruction import DENSE_FACES_FRACTION, fraction_of_faces_dense
+    from training.corpus import CorpusSet
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", nargs="*", default=[], help="corpus folders: every map of every split")
+    p.add_argument("--maps", nargs="*", default=[], help="map files")
+    args = p.parse_args(argv)
+
+    print(f"# Dense box faces\n\n{run_line()}\nthreshold DENSE_FACES_FRACTION = {DENSE_FACES_FRACTION}\n")
+    print("| maps | n | largest | 99th percentile | above the threshold |\n|---|---|---|---|---|")
+    for folder in args.corpus:
+        corpus = CorpusSet([folder])
+        values = np.array([fraction_of_faces_dense(DensityMap(corpus.load_batch([i])[0], (1.0,) * 3))
+                           for split in ("train", "val", "test") for i in corpus.split_indices(split)])
+        print(f"| corpus {folder} (id {corpus.corpus_id}) | {len(values)} | {values.max():.3f} | "
+              f"{np.percentile(values, 99):.3f} | {int((values > DENSE_FACES_FRACTION).sum())} |")
+    for path in args.maps:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a missing voxel size does not matter here
+            value = fraction_of_faces_dense(read_map(path))
+        print(f"| {Path(path).name} | 1 | {value:.3f} | — | {int(value > DENSE_FACES_FRACTION)} |")
+
+
+if __name__ == "__main__":
+    main()
