@@ -154,6 +154,28 @@ def test_an_interrupted_build_resumes_to_the_same_corpus(tmp_path):
     assert all(json.loads(line) for line in (resumed.path / JOURNAL).read_text().splitlines())
 
 
+def test_large_assemblies_are_cropped_not_dropped_and_keep_the_split_of_the_corpus_beside(tmp_path):
+    beside = build(tmp_path / "proteins", "--structures", DATA / "structures")
+    large = build(tmp_path / "large", "--structures", DATA / "structures" / "1AKE.pdb.gz",
+                  "--assemblies", "2", "--assemblies-only", "--split-from", beside.path)
+    split_beside = {s["group"]: s["split"] for s in beside.samples}
+    assert {s["group"] for s in large.samples} == {"1AKE"}
+    assert {s["split"] for s in large.samples} == {split_beside["1AKE"]}
+    assert large.manifest["split"]["fixed_groups"] == 1
+    assert len({s["entry_id"] for s in large.samples}) == 2  # two assemblies, two rotations each
+    for sample in large.samples:
+        assert sample["variant"] == "assembly" and sample["copies"] >= 24 and sample["mass_kda"] >= 500
+        assert sample["preprocessing"]["rotation"] is not None
+    data = large.load_batch(range(len(large)))
+    assert data.shape == (4, 64, 64, 64)
+    assert np.allclose(data.mean(axis=(1, 2, 3)), 0, atol=1e-4)
+    assert not np.allclose(data[0], data[1])  # the rotations differ
+    # A 1AKE shell or filament fills far more of the box than 1AKE itself.
+    filled = lambda v: (v > v.mean() + v.std()).mean()  # noqa: E731
+    assert min(filled(v) for v in data) > 3 * filled(beside.load(int(np.flatnonzero(
+        [s["entry_id"] == "1AKE" for s in beside.samples])[0])))
+
+
 def test_nothing_is_overwritten_without_asking(tmp_path):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")

@@ -1,5 +1,6 @@
 """Cryo-SWAN, its quantizers and the baselines: shapes, round trips, losses and learning."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from napari_cryoswan.models import (MODEL_NAMES, PAPER_CODEBOOK_SIZE, build_from
 from napari_cryoswan.models.baselines import axis_angle_to_matrix
 from napari_cryoswan.models.blocks import VoxelPositionalEncoding
 from napari_cryoswan.models.quantize import Phi, ResidualQuantizer, StochasticQuantizer, kmeans
-from napari_cryoswan.models.registry import step_codebooks
+from napari_cryoswan.models.registry import step_codebooks, warm_start_codebooks
 from napari_cryoswan.models.registry import VAR_SCALES
 from napari_cryoswan.models.swan import RQ1_SCALES, RQ2_SCALES, CryoSwan
 
@@ -546,6 +547,30 @@ def test_dead_codes_expire_on_a_usage_ema_and_renew_from_the_residual_fifo():
     assert are_rows_of(book.weight[:1], book.fifo()).all()  # a draw from the FIFO …
     assert book.fifo().shape[0] == rows.shape[0] and are_rows_of(book.fifo(), rows).all()  # … of all 7 steps
     assert book.usage_ema_V[0].item() == pytest.approx(2 * 0.01)
+
+
+def test_a_warm_started_codebook_neither_expires_its_codes_at_once_nor_reseeds_them():
+    torch.manual_seed(0)
+    # 64 codes for 64 vectors a step: in any one step many codes go unchosen, as in a real codebook.
+    quantizer = ResidualQuantizer(64, 3, (4,), 0.25, refine=False, dead_ema=0.9, dead_below=0.01,
+                                  kmeans_after=2).train()
+    quantizer(far_from_origin(batch=1, seed=0))  # seeds the codes from data, as a trained codebook's are
+    book = quantizer.codebook
+    book.step_counts_V.zero_()
+    book.step_volumes.zero_()
+    trained = book.weight.detach().clone()
+    loaded = copy.deepcopy(quantizer)  # the upkeep state as a checkpoint leaves it: none
+    loaded.codebook.usage_ema_V.zero_()
+    cold = copy.deepcopy(loaded)
+    warm_start_codebooks(loaded)
+    for step in range(3):
+        for q in (loaded, cold):
+            q(far_from_origin(batch=1, seed=step + 1))
+            step_codebooks(q)
+    assert int(cold.codebook.restarts) > 0  # cold: codes unchosen in the first step expire …
+    assert int(loaded.codebook.restarts) == 0  # warm: none within a new code's grace
+    assert torch.equal(loaded.codebook.weight, trained)  # and no k-means re-seeding at step 2
+    assert not torch.equal(cold.codebook.weight, trained)
 
 
 def test_legacy_codebooks_are_not_maintained_by_the_step():

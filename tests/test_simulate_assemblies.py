@@ -4,12 +4,15 @@ import numpy as np
 import pytest
 
 from napari_cryoswan.simulate import (
+    CLASH_DISTANCE,
+    POINT_GROUPS,
     Atoms,
     chain_contacts,
     chain_names,
     load_atoms,
     shape_signature,
     subassemblies,
+    symmetric_assemblies,
 )
 
 
@@ -104,3 +107,70 @@ def test_real_protein_dna_complex(data_dir):
     assert frozenset("CD") in chain_sets  # the two DNA strands pair
     assert len(chain_sets) == len(subs) >= 2
     assert all(s.mass_kda < atoms.mass_kda for s in subs)
+
+
+# --- Symmetric assemblies -------------------------------------------------------------------------
+
+
+def copies_of(assembly: Atoms) -> list[np.ndarray]:
+    """The atoms of each copy: chains are renamed ``{chain}/{copy}``."""
+    copy = np.array([name.rsplit("/", 1)[1] for name in assembly.chain]).astype(int)
+    return [assembly.xyz[copy == k] for k in range(copy.max() + 1)]
+
+
+@pytest.fixture(scope="module")
+def subunit():
+    return complex_of({"A": blob((5.0, -3.0, 2.0), n=200, radius=8.0)}, name="unit")
+
+
+@pytest.fixture(scope="module")
+def every_assembly(subunit):
+    return symmetric_assemblies(subunit, count=50, seed=0, min_mass_kda=0.0, max_mass_kda=1e9,
+                                filament_length=150.0)
+
+
+def test_every_symmetry_is_built_once_with_the_group_s_number_of_copies(subunit, every_assembly):
+    from scipy.spatial.transform import Rotation
+
+    labels = [symmetry for _, symmetry in every_assembly]
+    assert sorted(label for label in labels if not label.startswith("helix")) == sorted(POINT_GROUPS)
+    assert sum(label.startswith("helix") for label in labels) == 1
+    for assembly, symmetry in every_assembly:
+        copies = len(copies_of(assembly))
+        if not symmetry.startswith("helix"):
+            assert copies == len(Rotation.create_group(symmetry))
+        assert assembly.mass_kda == pytest.approx(copies * subunit.mass_kda)
+        assert assembly.name.startswith("unit-sym")
+
+
+def test_copies_touch_without_clashing(every_assembly):
+    from scipy.spatial import cKDTree
+
+    for assembly, symmetry in every_assembly:
+        copies = copies_of(assembly)
+        others = np.vstack(copies[1:])
+        nearest = cKDTree(copies[0]).query(others, k=1)[0].min()
+        # The smallest clash-free radius (and rise): the closest copy sits just past the limit.
+        assert CLASH_DISTANCE <= nearest < CLASH_DISTANCE + 1.0, symmetry
+
+
+def test_a_filament_spans_its_length_and_point_groups_stay_compact(subunit, every_assembly):
+    size = np.ptp(subunit.xyz, axis=0).max()
+    for assembly, symmetry in every_assembly:
+        extent = np.ptp(assembly.xyz, axis=0)
+        if symmetry.startswith("helix"):
+            assert extent[2] >= 150.0 and extent[:2].max() < 6 * size
+        else:  # rings and shells of the subunit, not scattered copies
+            assert extent.max() < 12 * size
+
+
+def test_assemblies_depend_on_the_seed_only_and_respect_the_mass_window(subunit):
+    first = symmetric_assemblies(subunit, count=3, seed=1, min_mass_kda=0.0, max_mass_kda=1e9)
+    again = symmetric_assemblies(subunit, count=3, seed=1, min_mass_kda=0.0, max_mass_kda=1e9)
+    other = symmetric_assemblies(subunit, count=3, seed=2, min_mass_kda=0.0, max_mass_kda=1e9)
+    assert [s for _, s in first] == [s for _, s in again]
+    assert all(np.array_equal(a.xyz, b.xyz) for (a, _), (b, _) in zip(first, again))
+    assert not all(np.array_equal(a.xyz, b.xyz) for (a, _), (b, _) in zip(first, other))
+    heavy_only = symmetric_assemblies(subunit, count=50, min_mass_kda=40 * subunit.mass_kda,
+                                      max_mass_kda=1e9)
+    assert sorted(s for _, s in heavy_only if not s.startswith("helix")) == ["I"]

@@ -31,7 +31,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -67,6 +67,8 @@ class BuildSettings:
     resolution: float = 8.0
     subassemblies: int = 0
     max_chains: int = 6
+    assemblies: int = 0
+    assemblies_only: bool = False
     contact: float = 4.5
     mesh_margin: float = 3.0
     mesh_supersample: int = 2
@@ -77,7 +79,10 @@ class BuildSettings:
         common = {"rotations": self.rotations, "seed": self.seed, "max_outside": self.max_outside}
         specific = {
             "structure": {"resolution": self.resolution, "subassemblies": self.subassemblies,
-                          "max_chains": self.max_chains, "contact": self.contact},
+                          "max_chains": self.max_chains, "contact": self.contact,
+                          # only when used, so corpora built without them keep their ids
+                          **({"assemblies": self.assemblies, "assemblies_only": self.assemblies_only}
+                             if self.assemblies else {})},
             "mesh": {"margin": self.mesh_margin, "supersample": self.mesh_supersample,
                      "blur_sigma": self.mesh_blur},
         }
@@ -142,8 +147,8 @@ def _structure_samples(task, settings):
     from napari_cryoswan.simulate import chain_names, load_atoms, simulate_density, subassemblies
 
     atoms = load_atoms(task.path)
-    variants = [atoms]
-    if settings.subassemblies > 0:
+    variants = [] if settings.assemblies_only else [atoms]
+    if settings.subassemblies > 0 and not settings.assemblies_only:
         variants += subassemblies(atoms, settings.subassemblies, settings.max_chains,
                                   cutoff=settings.contact, seed=settings.seed)
     samples, dropped = [], []
@@ -157,7 +162,46 @@ def _structure_samples(task, settings):
             samples += _rotated_samples(density, entry_id, task, meta, settings)
         except EntryTooLarge as err:
             dropped.append(f"{entry_id}: {err}")
+    if settings.assemblies > 0:
+        built = _assembly_samples(atoms, task, settings)
+        if not built:
+            dropped.append(f"{task.key}: no symmetric assembly of its {atoms.mass_kda:.0f} kDa lies in "
+                           "0.5–4 MDa, and it is too heavy for a filament")
+        samples += built
     return samples, dropped
+
+
+def _assembly_samples(atoms, task, settings) -> list[tuple[dict, np.ndarray]]:
+    """Symmetric assemblies of the structure (``simulate.symmetric_assemblies``), cropped to the
+    box as ProteinNet3D crops large entries; never dropped for what lies outside the box.
+
+    Each copy's rotation is applied to the atoms before simulation, not to the boxed map, so the
+    box cuts a rotated complex along its faces as a real box-filling map is cut (rotating a
+    cropped map would leave empty corners and oblique cut planes inside the box)."""
+    from napari_cryoswan.preprocess import CroppedDensityWarning, preprocess, random_rotations
+    from napari_cryoswan.simulate import Atoms, chain_names, simulate_density, symmetric_assemblies
+
+    preprocess_settings = PreprocessSettings(voxel_size=settings.voxel_size, box=settings.box)
+    length = 1.5 * settings.box * settings.voxel_size  # a filament crosses the box with room to spare
+    samples = []
+    for assembly, symmetry in symmetric_assemblies(atoms, settings.assemblies, seed=settings.seed,
+                                                   filament_length=length):
+        entry_id = task.key + assembly.name[len(atoms.name):]  # "3ENL-sym01"
+        meta = {"mass_kda": round(assembly.mass_kda, 1), "resolution": settings.resolution,
+                "chains": chain_names(atoms), "variant": "assembly", "symmetry": symmetry,
+                "copies": len(assembly.xyz) // len(atoms.xyz)}
+        centre = np.average(assembly.xyz, axis=0, weights=assembly.atomic_number)
+        for k, rotation_zyx in enumerate(random_rotations(settings.rotations, _rng_for(settings.seed, entry_id))):
+            rotation_xyz = rotation_zyx[::-1, ::-1]  # the same rotation in (x, y, z) coordinates
+            turned = Atoms((assembly.xyz - centre) @ rotation_xyz.T + centre, assembly.atomic_number,
+                           assembly.chain, assembly.name)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", CroppedDensityWarning)  # cropped on purpose
+                copy = preprocess(simulate_density(turned, settings.voxel_size, settings.resolution),
+                                  preprocess_settings)
+            record = replace(copy.record, rotation=tuple(map(tuple, rotation_zyx.tolist())))
+            samples.append(_sample(f"{entry_id}_r{k}", entry_id, task, k, meta, record, copy.data))
+    return samples
 
 
 def _map_samples(task, settings):
@@ -203,16 +247,16 @@ def _rotated_samples(density, entry_id, task, meta, settings, contour=None) -> l
     if outside > settings.max_outside:
         raise EntryTooLarge(f"{outside:.1%} of its density falls outside the {settings.box}³ box "
                             f"(limit {settings.max_outside:.0%})")
-    samples = []
-    for k, copy in enumerate(copies):
-        sample_id = f"{entry_id}_r{k}"
-        samples.append(({
-            "sample_id": sample_id, "file": f"maps/{sample_id}.mrc", "entry_id": entry_id,
-            "parent_id": task.key, "group": group_of(task.key), "source_kind": task.kind,
-            "source": task.path, "rotation_index": k, **meta,
-            "preprocessing": copy.record.to_dict(), "sha256": data_sha256(copy.data),
-        }, copy.data))
-    return samples
+    return [_sample(f"{entry_id}_r{k}", entry_id, task, k, meta, copy.record, copy.data)
+            for k, copy in enumerate(copies)]
+
+
+def _sample(sample_id, entry_id, task, rotation_index, meta, record, data) -> tuple[dict, np.ndarray]:
+    """One sample's manifest record and its map."""
+    return ({"sample_id": sample_id, "file": f"maps/{sample_id}.mrc", "entry_id": entry_id,
+             "parent_id": task.key, "group": group_of(task.key), "source_kind": task.kind,
+             "source": task.path, "rotation_index": rotation_index, **meta,
+             "preprocessing": record.to_dict(), "sha256": data_sha256(data)}, data)
 
 
 def _rng_for(seed: int, entry_id: str) -> np.random.Generator:
@@ -324,12 +368,14 @@ def build(args: argparse.Namespace) -> dict:
     settings = BuildSettings(
         box=args.box, voxel_size=args.voxel_size, rotations=args.rotations, seed=args.seed,
         max_outside=args.max_outside, resolution=args.resolution, subassemblies=args.subassemblies,
-        max_chains=args.max_chains, contact=args.contact, mesh_margin=args.mesh_margin,
+        max_chains=args.max_chains, contact=args.contact, assemblies=args.assemblies,
+        assemblies_only=args.assemblies_only, mesh_margin=args.mesh_margin,
         mesh_supersample=args.mesh_supersample, mesh_blur=args.mesh_blur,
     )
     if not (args.structures or args.maps or args.meshes or args.emdb):
         raise CorpusError("Nothing to build: give --structures, --maps, --meshes or --emdb.")
     tasks = _local_tasks(args)  # checked before the folder is touched: a wrong input changes nothing
+    fixed_splits = _splits_of(args.split_from) if args.split_from else None
     _refuse_duplicate_keys(tasks)
     writer = CorpusWriter(args.out, settings.box, settings.voxel_size, overwrite=args.overwrite)
     if args.emdb:
@@ -340,7 +386,17 @@ def build(args: argparse.Namespace) -> dict:
     if writer.resumed_entries:
         logger.info("Resuming %s: %d entries were built before.", args.out, writer.resumed_entries)
     run_tasks(writer, tasks, settings, args.workers, show_progress=not args.quiet)
-    return writer.finish(args.seed, args.split, _build_info(args, settings, time.perf_counter() - started))
+    return writer.finish(args.seed, args.split, _build_info(args, settings, time.perf_counter() - started),
+                         fixed_splits=fixed_splits)
+
+
+def _splits_of(path: str) -> dict[str, str]:
+    """Each group's split in an existing corpus, so that a corpus built to train beside it puts
+    the same structures in the same splits (nothing of a test structure leaks into training)."""
+    from training.corpus import Corpus
+
+    corpus = Corpus(path)
+    return {sample["group"]: sample["split"] for sample in corpus.samples}
 
 
 def _local_tasks(args) -> list[Task]:
@@ -452,6 +508,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--split", type=float, nargs=3, default=list(DEFAULT_FRACTIONS), metavar=SPLITS,
                      help="train/val/test fractions of the entries; an entry's rotations and "
                           "sub-assemblies share its split (default 0.8 0.1 0.1)")
+    out.add_argument("--split-from", metavar="CORPUS",
+                     help="give every group that CORPUS holds the split it has there (for a corpus "
+                          "that trains beside it); other groups are dealt as usual")
     out.add_argument("--max-outside", type=float, default=d["max_outside"],
                      help="drop entries with more than this fraction of density outside the box (default %(default)s)")
     out.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
@@ -467,6 +526,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  "(default %(default)s)")
     structures.add_argument("--max-chains", type=int, default=d["max_chains"],
                             help="chains per sub-assembly at most (default %(default)s)")
+    structures.add_argument("--assemblies", type=int, default=d["assemblies"], metavar="N",
+                            help="also up to N symmetric assemblies per structure (rings, shells, "
+                                 "filaments of its copies: large complexes that fill or overflow the box, "
+                                 "cropped as ProteinNet3D crops them; default %(default)s)")
+    structures.add_argument("--assemblies-only", action="store_true",
+                            help="only the assemblies: not the structure itself nor its sub-assemblies")
     structures.add_argument("--contact", type=float, default=d["contact"],
                             help="Å between atoms for two chains to touch (default %(default)s)")
 

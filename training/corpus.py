@@ -362,8 +362,11 @@ class CorpusWriter:
         self.entries[entry["key"]] = entry
         self._append({"type": "entry", **entry})
 
-    def finish(self, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS, build: dict | None = None) -> dict:
-        """Deal the split, write ``manifest.json`` atomically, and return the manifest."""
+    def finish(self, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS, build: dict | None = None,
+               fixed_splits: dict[str, str] | None = None) -> dict:
+        """Deal the split, write ``manifest.json`` atomically, and return the manifest.
+
+        Groups in ``fixed_splits`` keep the split given there; the others are dealt."""
         samples = sorted(
             (dict(s) for e in self.entries.values() if e["status"] == "done" for s in e["samples"]),
             key=lambda s: s["sample_id"],
@@ -371,7 +374,8 @@ class CorpusWriter:
         sizes: dict[str, int] = {}
         for sample in samples:
             sizes[sample["group"]] = sizes.get(sample["group"], 0) + 1
-        split_of = assign_splits(sizes, fractions, seed)
+        fixed = {g: s for g, s in (fixed_splits or {}).items() if g in sizes}
+        split_of = {**assign_splits({g: n for g, n in sizes.items() if g not in fixed}, fractions, seed), **fixed}
         for sample in samples:
             sample["split"] = split_of[sample["group"]]
         manifest = {
@@ -385,6 +389,7 @@ class CorpusWriter:
                 "by": "group",
                 "samples": {s: sum(x["split"] == s for x in samples) for s in SPLITS},
                 "groups": {s: sum(v == s for v in split_of.values()) for s in SPLITS},
+                **({"fixed_groups": len(fixed)} if fixed else {}),  # absent otherwise: ids stay as they were
             },
             "sources": self.sources,
             "samples": samples,

@@ -165,7 +165,12 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     from napari_cryoswan.checkpoint import (InputContract, load_checkpoint, resolve_checkpoint,
                                             save_checkpoint)
     from napari_cryoswan.engine import autocast, choose_device
-    from napari_cryoswan.models.registry import build_model, default_optimizer, step_codebooks
+    from napari_cryoswan.models.registry import (
+        build_model,
+        default_optimizer,
+        step_codebooks,
+        warm_start_codebooks,
+    )
 
     rank, world = _distributed_setup()
     out = Path(settings.out)
@@ -189,6 +194,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
         init = load_checkpoint(resolve_checkpoint(settings.init))
         _check_init(init, settings.model, corpus)
         model = init.model.to(device)
+        warm_start_codebooks(model)  # a checkpoint keeps weights, not the codebooks' upkeep state
         init_provenance = {"init": str(settings.init), "init_checkpoint_id": init.checkpoint_id}
     else:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +223,139 @@ def _grow_connected(graph, start: str, size: int, rng: np.random.Generator) -> f
         members.append(pick)
         frontier = (frontier | graph[pick]) - set(members)
     return frozenset(members)
+
+
+# --- Symmetric assemblies: large complexes that fill or overflow the box ------------------------
+
+CLASH_DISTANCE = 3.0  # Å between atoms of two copies: closer counts as a clash
+POINT_GROUPS = ([f"C{n}" for n in range(3, 9)] + [f"D{n}" for n in range(2, 7)] + ["T", "O", "I"])
+HELIX_MAX_SUBUNIT_KDA = 400.0  # a filament of heavier subunits is a few copies across the box
+_PROBE_ATOMS = 1500  # atoms per copy in the clash search (a fixed random subset, for speed)
+_PLACEMENTS = 6  # random placements tried per assembly; the most compact is kept
+
+
+def symmetric_assemblies(
+    atoms: Atoms,
+    count: int = 3,
+    seed: int = 0,
+    min_mass_kda: float = 500.0,
+    max_mass_kda: float = 4000.0,
+    filament_length: float = 384.0,
+) -> list[tuple[Atoms, str]]:
+    """Large complexes built from copies of ``atoms``: point-group assemblies (rings Cn, double
+    rings Dn, tetrahedral, octahedral and icosahedral shells) and helical filaments, the shapes
+    of EMDB's large entries (chaperonins, proteasomes, capsids, filaments).
+
+    Each copy is the subunit in one random orientation (per assembly), moved out from the
+    symmetry centre by the smallest radius (and, for a filament, the smallest rise per subunit)
+    at which no two copies clash (atoms closer than ``CLASH_DISTANCE``), so the copies pack
+    tightly and touch. Point groups are kept when the assembly's mass lies in
+    [``min_mass_kda``, ``max_mass_kda``] (4 MDa: an 80S ribosome); a filament, of subunits up to
+    ``HELIX_MAX_SUBUNIT_KDA``, is ``filament_length`` Å long, so it crosses and overflows a
+    256 Å box. Up to ``count`` assemblies of distinct symmetries, chosen at random; the result
+    depends only on the structure and ``seed``.
+
+    Returns:
+        ``(Atoms, symmetry)`` pairs: atoms named ``{name}-sym{k:02d}``, centred on the symmetry
+        centre, chains renamed ``{chain}/{copy}``; symmetry such as ``"D5"``, ``"I"`` or
+        ``"helix 4.3/turn, rise 11.2 Å"``.
+    """
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng([seed, *atoms.name.encode(), 7])
+    subunit_kda = atoms.mass_kda
+    choices = [g for g in POINT_GROUPS
+               if min_mass_kda <= len(Rotation.create_group(g)) * subunit_kda <= max_mass_kda]
+    if subunit_kda <= HELIX_MAX_SUBUNIT_KDA:
+        choices.append("helix")
+    picked = rng.permutation(choices)[:max(count, 0)]
+    centred = atoms.xyz - np.average(atoms.xyz, axis=0, weights=atoms.atomic_number)
+    probe_index = rng.choice(len(centred), min(len(centred), _PROBE_ATOMS), replace=False)
+    assemblies = []
+    for k, symmetry in enumerate(picked):
+        place = _helix if symmetry == "helix" else partial(_point_group, group=str(symmetry))
+        # Of a few random placements, the most compact: real assemblies pack tightly.
+        orientation, transforms, radius, label = min(
+            (place(centred, probe_index, rng, filament_length) for _ in range(_PLACEMENTS)),
+            key=lambda placement: placement[2])
+        subunit = centred @ orientation.T
+        copies = [subunit @ rotation.T + shift for rotation, shift in transforms]
+        chains = np.concatenate([np.char.add(atoms.chain.astype(str), f"/{i}") for i in range(len(copies))])
+        assemblies.append((Atoms(np.vstack(copies), np.tile(atoms.atomic_number, len(copies)), chains,
+                                 f"{atoms.name}-sym{k:02d}"), label or str(symmetry)))
+    return assemblies
+
+
+def _point_group(centred, probe_index, rng, length, group):
+    """Copies of the subunit in one random orientation, moved to R·d and rotated by each element
+    g of the group, at the smallest clash-free R. Returns (orientation, [(g, g·R·d)], R, "")."""
+    from scipy.spatial.transform import Rotation
+
+    orientation = Rotation.random(random_state=rng).as_matrix()
+    probe = centred[probe_index] @ orientation.T
+    rotations = Rotation.create_group(group).as_matrix()
+    if group[0] == "C":  # any direction off the axis; a shift along the axis moves the whole ring
+        direction = np.array([1.0, 0.0, 0.0])
+    elif group[0] == "D":  # off the axis and off the two-fold axes: two rings, one above the other
+        tilt = rng.uniform(0.25, 0.8)
+        direction = np.array([np.cos(tilt), 0.0, np.sin(tilt)])
+    else:  # a general position of the shell
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+    others = [g for g in rotations if not np.allclose(g, np.eye(3), atol=1e-6)]
+
+    def clear(radius: float) -> bool:
+        placed = probe + radius * direction
+        return not _clash(placed, np.concatenate([placed @ g.T for g in others]))
+
+    radius = _smallest_clear(clear, step=4.0)
+    return orientation, [(g, g @ (radius * direction)) for g in rotations], radius, ""
+
+
+def _helix(centred, probe_index, rng, length):
+    """A one-start helix, ``length`` Å long, of the subunit in one random orientation with a
+    random number of subunits per turn (3–8): the smallest radius at which neighbours in the turn
+    do not clash, then the smallest rise at which no copy within a turn and a half does.
+    Returns (orientation, [(rotation, shift)], radius, description)."""
+    from scipy.spatial.transform import Rotation
+
+    orientation = Rotation.random(random_state=rng).as_matrix()
+    probe = centred[probe_index] @ orientation.T
+    per_turn = rng.uniform(3.0, 8.0)
+
+    def turn(k):
+        c, s = np.cos(2 * np.pi * k / per_turn), np.sin(2 * np.pi * k / per_turn)
+        return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+    def copy(k, radius, rise):
+        return (probe + [radius, 0.0, 0.0]) @ turn(k).T + [0.0, 0.0, k * rise]
+
+    radius = _smallest_clear(lambda r: not _clash(copy(0, r, 0.0), copy(1, r, 0.0)), step=4.0)
+    neighbours = range(1, int(np.ceil(1.5 * per_turn)) + 1)
+    rise = _smallest_clear(lambda h: not _clash(copy(0, radius, h),
+                                                np.concatenate([copy(k, radius, h) for k in neighbours])),
+                           step=1.0)
+    half = int(np.ceil(length / (2 * rise)))
+    transforms = [(turn(k), turn(k) @ [radius, 0.0, 0.0] + [0.0, 0.0, k * rise]) for k in range(-half, half + 1)]
+    return orientation, transforms, radius, f"helix {per_turn:.1f}/turn, rise {rise:.1f} Å"
+
+
+def _clash(a: np.ndarray, b: np.ndarray, distance: float = CLASH_DISTANCE) -> bool:
+    from scipy.spatial import cKDTree
+
+    found, _ = cKDTree(a).query(b, k=1, distance_upper_bound=distance)
+    return bool(np.isfinite(found).any())
+
+
+def _smallest_clear(clear, step: float, limit: float = 2000.0, tolerance: float = 0.25) -> float:
+    """The smallest value ≥ 0 at which ``clear`` holds: walk up in ``step``s, then bisect."""
+    high = 0.0
+    while not clear(high):
+        high += step
+        if high > limit:
+            raise ValueError(f"no clash-free placement below {limit} Å")
+    low = max(high - step, 0.0)
+    while high - low > tolerance and high > 0:
+        middle = (low + high) / 2
+        low, high = (low, middle) if clear(middle) else (middle, high)
+    return high

@@ -1,6 +1,7 @@
 """Build the default offline corpora from the project's shared data folder.
 
     python -m training.recipes.default_corpus DATA_DIR [--out corpus_default] [--meshes-out corpus_meshes]
+        [--assemblies-out corpus_assemblies]
 
 DATA_DIR is the offline data folder (``shared/data`` beside the repository; its README gives the
 provenance of every file). The inputs are exactly the files listed, with their sha256, in
@@ -15,7 +16,14 @@ DATA_DIR: training and evaluation read only the corpora built here.
 2. Shapes (``--meshes-out``): the 800 ``random_*.obj`` assemblies and the 9 named meshes,
    voxelised as solid densities, 5 rotations each. The one empty mesh is skipped.
 
-Both builds resume if interrupted: run the same command again.
+3. Large complexes (``--assemblies-out``, only when given): for every structure of 1., up to 3
+   symmetric assemblies of its copies (rings, double rings, tetrahedral, octahedral and
+   icosahedral shells of 0.5–4 MDa, and 384 Å helical filaments; ``simulate.symmetric_assemblies``),
+   cropped to the 64³ box as ProteinNet3D crops large entries. Every structure keeps the split it
+   has in the protein corpus (``--split-from``), so the two corpora train side by side
+   (``training.train --corpus corpus_default corpus_assemblies``) without a test structure leaking.
+
+Every build resumes if interrupted: run the same command again.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from training.build_corpus import main as build_corpus
 LOCK_FILE = Path(__file__).with_name("default_corpus.sha256")
 SUBASSEMBLIES_PER_STRUCTURE = 20
 MAX_CHAINS = 6
+ASSEMBLIES_PER_STRUCTURE = 3
 
 
 def locked_inputs(data_dir: Path) -> dict[str, list[Path]]:
@@ -56,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("data_dir", type=Path, help="the offline data folder (holds structures/ and meshes/)")
     parser.add_argument("--out", default="corpus_default", help="the protein corpus folder (default corpus_default)")
     parser.add_argument("--meshes-out", default="corpus_meshes", help="the shape corpus folder (default corpus_meshes)")
-    parser.add_argument("--no-meshes", action="store_true", help="build the protein corpus only")
+    parser.add_argument("--no-meshes", action="store_true", help="build no shape corpus")
+    parser.add_argument("--assemblies-out", help="also build the large-complex corpus in this folder")
     parser.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild corpora that exist")
     return parser.parse_args(argv)
@@ -69,6 +79,10 @@ def main(argv=None) -> int:
     status = build_corpus(["--out", args.out, "--structures", *map(str, inputs["structures"]),
                            "--subassemblies", str(SUBASSEMBLIES_PER_STRUCTURE),
                            "--max-chains", str(MAX_CHAINS), *common])
+    if status == 0 and args.assemblies_out:
+        status = build_corpus(["--out", args.assemblies_out, "--structures", *map(str, inputs["structures"]),
+                               "--assemblies", str(ASSEMBLIES_PER_STRUCTURE), "--assemblies-only",
+                               "--split-from", args.out, *common])
     if status == 0 and not args.no_meshes:
         status = build_corpus(["--out", args.meshes_out, "--meshes", *map(str, inputs["meshes"]), *common])
     return status

@@ -211,6 +211,17 @@ class Codebook(nn.Module):
         self.restarts += dead.numel()
         return int(dead.numel())
 
+    @torch.no_grad()
+    def warm_start_(self) -> None:
+        """Before training on from weights alone (a checkpoint keeps no upkeep state): count the
+        k-means warm-up as done and give every code a new code's grace, so that codes expire when
+        they go unused, not all on the first step, and the trained codebook is not re-seeded."""
+        if not self.live:
+            return
+        if self.kmeans_after is not None:
+            self.steps.fill_(max(int(self.steps), self.kmeans_after))
+        self.usage_ema_V.fill_(self.grace)
+
     def _renew_(self, rows: torch.Tensor, vectors_NC: torch.Tensor) -> None:
         self.weight[rows] = vectors_NC.to(self.weight.dtype)
         self.usage_ema_V[rows] = self.grace

@@ -165,6 +165,13 @@ def step_codebooks(model: nn.Module, optimizer: torch.optim.Optimizer | None = N
     return renewed
 
 
+def warm_start_codebooks(model: nn.Module) -> None:
+    """Before training on from a checkpoint's weights (``training.train --init``): every live
+    codebook takes its warm-up as done (``Codebook.warm_start_``)."""
+    for book in (m for m in model.modules() if isinstance(m, Codebook)):
+        book.warm_start_()
+
+
 @torch.no_grad()
 def forget_rows_(optimizer: torch.optim.Optimizer, param: torch.Tensor, rows: torch.Tensor) -> None:
     """Zero Adam's moments (exp_avg, exp_avg_sq, and max_exp_avg_sq with amsgrad) of some rows of
