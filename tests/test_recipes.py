@@ -82,3 +82,20 @@ def test_denoising_recipe_trains_shapes_fine_tunes_the_encoder_and_installs_half
         installed = package / f"{name}.pt"
         assert installed.stat().st_size < 0.6 * small_checkpoints["swan"].stat().st_size
         assert load_checkpoint(installed).provenance["stored_as"] == "float16"
+
+
+def test_the_corpus_recipe_builds_large_complexes_only_when_asked_with_the_protein_split(monkeypatch):
+    from training.recipes import default_corpus
+
+    calls = []
+    monkeypatch.setattr(default_corpus, "locked_inputs",
+                        lambda data: {"structures": [Path("s/1AKE.pdb.gz")], "meshes": [Path("m/a.obj")]})
+    monkeypatch.setattr(default_corpus, "build_corpus", lambda argv: calls.append(argv) or 0)
+    assert default_corpus.main(["data", "--out", "proteins", "--no-meshes"]) == 0
+    assert len(calls) == 1 and "--assemblies" not in calls[0]
+    calls.clear()
+    assert default_corpus.main(["data", "--out", "proteins", "--no-meshes", "--assemblies-out", "large"]) == 0
+    proteins, large = calls
+    assert proteins[proteins.index("--out") + 1] == "proteins"
+    assert large[large.index("--out") + 1] == "large" and "--assemblies-only" in large
+    assert large[large.index("--split-from") + 1] == "proteins"  # no test structure leaks into training
