@@ -14,7 +14,10 @@ A curve that never crosses 0.5 counts at the Nyquist limit (8 Å at 4 Å voxels)
 one below 0.5 from the first shell counts at the box edge. Both are marked in the table.
 
     python benchmarks/bench_large_complexes.py --proteins corpus_default --assemblies corpus_assemblies \\
-        bundled:swan runs/swan/model.pt
+        bundled:swan runs/swan/model.pt --figure large.png
+
+``--figure`` draws, for the heaviest test entries (first rotation), a central slab of the input
+beside each checkpoint's reconstruction.
 
 Prints the machine, versions, settings and date, then markdown tables; ``--json`` writes all.
 """
@@ -44,14 +47,14 @@ def resolution_angstrom(curve, threshold: float = 0.5) -> tuple[float, str]:
 
 
 def score(model, corpus, split: str) -> list[dict]:
-    """Per map: its sample record, FSC curve, PSNR and IoU of the full reconstruction."""
+    """Per map: its sample record, the map, its full reconstruction, FSC curve, PSNR and IoU."""
     from napari_cryoswan.engine import reconstruct
     from napari_cryoswan.metrics import fsc, voxel_metrics
 
     ids = corpus.split_indices(split)
     volumes = corpus.load_batch(ids)
     recon = next(iter(reconstruct(model, volumes).values()))  # the full variant comes first
-    return [{"sample": corpus.samples[i], "volume": v,
+    return [{"sample": corpus.samples[i], "volume": v, "recon": r,
              "curve": fsc(r, v, corpus.voxel_size), **voxel_metrics(r, v)}
             for i, v, r in zip(ids, volumes, recon)]
 
@@ -84,6 +87,36 @@ def per_entry(rows: list[dict]) -> list[dict]:
     return pooled
 
 
+def draw(shown: dict[str, list[dict]], path: str, count: int = 5) -> None:
+    """Central 8-voxel slabs (summed) of the heaviest entries: input, then each checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(shown.values()))
+    picks = sorted((i for i, r in enumerate(first) if r["sample"]["rotation_index"] == 0),
+                   key=lambda i: -(first[i]["sample"]["mass_kda"] or 0))[:count]
+    columns = ["input", *shown]
+    fig, axes = plt.subplots(len(picks), len(columns), figsize=(2.0 * len(columns), 2.0 * len(picks)),
+                             squeeze=False)
+    slab = slice(28, 36)
+    for row, i in enumerate(picks):
+        sample = first[i]["sample"]
+        images = [first[i]["volume"]] + [rows[i]["recon"] for rows in shown.values()]
+        for col, (title, image) in enumerate(zip(columns, images)):
+            ax = axes[row, col]
+            ax.imshow(image[slab].sum(axis=0), cmap="gray")
+            ax.set_xticks([]), ax.set_yticks([])
+            if row == 0:
+                ax.set_title(title, fontsize=7)
+            if col == 0:
+                ax.set_ylabel(f"{sample['entry_id']}\n{sample['symmetry'][:12]}, {sample['mass_kda']:.0f} kDa",
+                              fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     from _machine import run_line
     from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
@@ -96,6 +129,7 @@ def main(argv=None) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--within", type=float, default=3.0, help="Å from the reference median (goal: 3)")
     p.add_argument("--json", help="write every measurement here")
+    p.add_argument("--figure", help="draw the heaviest entries and their reconstructions here (.png)")
     args = p.parse_args(argv)
 
     proteins, assemblies = Corpus(args.proteins), Corpus(args.assemblies)
@@ -104,13 +138,15 @@ def main(argv=None) -> None:
           f"(id {assemblies.corpus_id}), {args.split} split; FSC(0.5) of each map's own curve "
           f"(assemblies: the mean curve over an entry's rotations); ≤: no crossing up to Nyquist, "
           f">: beyond the box\n")
-    report = {}
+    report, shown = {}, {}
     for spec in args.checkpoints:
         loaded = load_checkpoint(resolve_checkpoint(spec))
         reference = score(loaded.model, proteins, args.split)
         median = float(np.median([resolution_angstrom(r["curve"])[0] for r in reference]))
         reference_faces = float(np.median([faces_dense(r["volume"]) for r in reference]))
-        large = per_entry(score(loaded.model, assemblies, args.split))
+        large_maps = score(loaded.model, assemblies, args.split)
+        shown[spec] = large_maps
+        large = per_entry(large_maps)
         for entry in large:
             entry["within"] = entry["fsc_0.5"] - median <= args.within
         report[spec] = {"checkpoint_id": loaded.checkpoint_id, "reference_median_fsc_0.5": median,
@@ -131,6 +167,8 @@ def main(argv=None) -> None:
         print(flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.figure:
+        draw(shown, args.figure)
 
 
 if __name__ == "__main__":
