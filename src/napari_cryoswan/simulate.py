@@ -249,7 +249,7 @@ def symmetric_assemblies(
     Each copy is the subunit in one random orientation (per assembly), moved out from the
     symmetry centre by the smallest radius (and, for a filament, the smallest rise per subunit)
     at which no two copies clash (atoms closer than ``CLASH_DISTANCE``), so the copies pack
-    tightly and touch. Point groups are kept when the assembly's mass lies in
+    tightly and touch; of ``_PLACEMENTS`` random placements the most compact is kept. Point groups are kept when the assembly's mass lies in
     [``min_mass_kda``, ``max_mass_kda``] (4 MDa: an 80S ribosome); a filament, of subunits up to
     ``HELIX_MAX_SUBUNIT_KDA``, is ``filament_length`` Å long, so it crosses and overflows a
     256 Å box. Up to ``count`` assemblies of distinct symmetries, chosen at random; the result
@@ -262,7 +262,7 @@ def symmetric_assemblies(
     """
     from scipy.spatial.transform import Rotation
 
-    rng = np.random.default_rng([seed, *atoms.name.encode(), 7])
+    rng = np.random.default_rng([seed, *atoms.name.encode(), 7])  # 7: not subassemblies' stream
     subunit_kda = atoms.mass_kda
     choices = [g for g in POINT_GROUPS
                if min_mass_kda <= len(Rotation.create_group(g)) * subunit_kda <= max_mass_kda]
