@@ -30,6 +30,11 @@ def test_recipe_resumes_a_killed_run_and_restarts_one_killed_before_its_first_ch
     trains = {argv[argv.index("--model") + 1]: argv for kind, argv in calls if kind == "train"}
     assert "--resume" in trains["swan"] and "--resume" not in trains["swan-rq1"]
     assert all(argv[argv.index("--preset") + 1] == "full" for argv in trains.values())
+    for argv in trains.values():  # both models learn the proteins and the large complexes
+        corpora = argv[argv.index("--corpus") + 1:argv.index("--device")]
+        assert [Path(c).name for c in corpora] == ["corpus_default", "corpus_assemblies"]
+    built = next(argv for kind, argv in calls if kind == "corpus")
+    assert Path(built[built.index("--assemblies-out") + 1]).name == "corpus_assemblies"
     assert not (tmp_path / "swan-rq1" / "config.json").exists()
     evaluated = next(argv for kind, argv in calls if kind == "evaluate")
     assert evaluated[evaluated.index("--split") + 1] == "test"
