@@ -209,6 +209,13 @@ def test_clear_errors_for_bad_inputs(tmp_path, capsys):
                  "--maps-csv", str(tmp_path / "bad.csv")]) == 2
     assert "emdb_id" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+    assert main(["--out", str(tmp_path / "c"), "--structures", str(DATA / "structures"),
+                 "--split-from", str(tmp_path / "no-corpus")]) == 2
+    assert "not a built corpus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path / "c"), "--structures", str(DATA / "structures"), "--assemblies-only"])
+    assert "--assemblies N" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_help_documents_every_source(capsys):

@@ -576,6 +576,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--emdb needs --emdb-dir, the folder for the downloads and the curation state.")
     if args.maps_csv and not args.maps:
         parser.error("--maps-csv goes with --maps.")
+    if args.assemblies_only and args.assemblies < 1:
+        parser.error("--assemblies-only builds only the assemblies: give their number with --assemblies N.")
     if args.rotations < 1 or args.workers < 1 or args.box < 8 or args.voxel_size <= 0:
         parser.error("--rotations and --workers must be ≥ 1, --box ≥ 8, --voxel-size > 0.")
     return args
