@@ -4,7 +4,9 @@ Four sources, in any mix, all written in the one format of ``training.corpus``:
 
 - ``--structures``: PDB/mmCIF files (or folders of them), simulated on the corpus grid at
   ``--resolution`` (8 Å), each optionally with ``--subassemblies`` sub-complexes of touching
-  chains (``napari_cryoswan.simulate.subassemblies``), which share their parent's split.
+  chains (``napari_cryoswan.simulate.subassemblies``) and ``--assemblies`` symmetric assemblies
+  of its copies (rings, shells, filaments: ``simulate.symmetric_assemblies``), which share their
+  parent's split.
 - ``--maps``: real maps (e.g. from EMDB), masked at the recommended contour from ``--maps-csv``.
 - ``--meshes``: .off/.obj/.ply/.stl shapes voxelised as densities (``training.mesh``).
 - ``--emdb``: curate maps from the EMDB REST API into ``--emdb-dir`` (``training.emdb``), then
@@ -512,7 +514,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="give every group that CORPUS holds the split it has there (for a corpus "
                           "that trains beside it); other groups are dealt as usual")
     out.add_argument("--max-outside", type=float, default=d["max_outside"],
-                     help="drop entries with more than this fraction of density outside the box (default %(default)s)")
+                     help="drop entries with more than this fraction of density outside the box (default "
+                          "%(default)s; --assemblies are cropped, never dropped)")
     out.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     out.add_argument("--quiet", action="store_true", help="no progress bars; warnings only")
 
