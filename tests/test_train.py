@@ -266,6 +266,20 @@ def test_against_clean_swaps_only_the_reconstruction_term():
     assert float(terms["commit"]) == 0.25
 
 
+def test_training_on_from_init_keeps_the_trained_codebooks(tiny_corpus, tmp_path):
+    trained = train(settings(tiny_corpus, tmp_path / "first", steps=2), progress=False)
+    train(settings(tiny_corpus, tmp_path / "more", init=str(trained), steps=2), progress=False)
+    buffers = load_checkpoint(tmp_path / "more" / "last.pt").training["buffers"]
+    books = [name[:-len(".restarts")] for name in buffers if name.endswith("codebook.restarts")]
+    assert books
+    kmeans_after = load_checkpoint(trained).model.config.kmeans_after
+    for book in books:
+        # Without the warm start most codes would expire on the first step, and k-means would
+        # re-seed the codebook once the run reached kmeans_after steps.
+        assert int(buffers[f"{book}.restarts"]) == 0, book
+        assert int(buffers[f"{book}.steps"]) >= kmeans_after + 2, book
+
+
 def test_init_must_hold_the_named_model_and_takes_no_set(tiny_corpus, small_checkpoints, tmp_path):
     with pytest.raises(RunFolderError, match="not --model 'swan-rq1'"):
         train(settings(tiny_corpus, tmp_path / "run", model="swan-rq1",
