@@ -6,8 +6,9 @@ scored on its own FSC curve:
 - ``--proteins``: the reference corpus (``corpus_default``): the median FSC(0.5) resolution of its
   maps, and the share of the box faces above mean + 1 s.d. (how much the maps fill their box);
 - ``--assemblies``: the large-complex corpus (``default_corpus --assemblies-out``): per entry (its
-  rotations pooled), the FSC(0.5) resolution of its mean curve, PSNR, IoU, mass, symmetry, the
-  density that the box cut off, and whether it lies within ``--within`` Å of the reference
+  rotations pooled), the FSC(0.5) resolution of its mean curve, PSNR, IoU, mass, symmetry, its
+  span (the longest axis-aligned extent of the density above mean + 1 s.d., in Å), the density
+  that the box cut off, and whether it lies within ``--within`` Å of the reference
   median (the goal: 3 Å).
 
 A curve that never crosses 0.5 counts at the Nyquist limit (8 Å at 4 Å voxels) in the median;
@@ -63,10 +64,16 @@ def faces_dense(volume: np.ndarray) -> float:
     from napari_cryoswan.io import DensityMap
     from napari_cryoswan.reconstruction import fraction_of_faces_dense
 
-    return fraction_of_faces_dense(DensityMap(volume, (4.0,) * 3, (0.0,) * 3))
+    return fraction_of_faces_dense(DensityMap(volume, (4.0,) * 3, (0.0,) * 3))  # voxel size unused
 
 
-def per_entry(rows: list[dict]) -> list[dict]:
+def span(volume: np.ndarray, voxel_size: float) -> float:
+    """The longest axis-aligned extent (Å) of the voxels above mean + 1 s.d."""
+    dense = np.argwhere(volume > volume.mean() + volume.std())
+    return float((dense.max(axis=0) - dense.min(axis=0) + 1).max() * voxel_size)
+
+
+def per_entry(rows: list[dict], voxel_size: float) -> list[dict]:
     """Rows pooled by entry: the mean FSC curve over its rotations, mean PSNR and IoU."""
     entries: dict[str, list[dict]] = {}
     for row in rows:
@@ -81,6 +88,7 @@ def per_entry(rows: list[dict]) -> list[dict]:
             "symmetry": first.get("symmetry", first.get("variant")),
             "outside": float(np.mean([r["sample"]["preprocessing"]["fraction_outside"] for r in group])),
             "faces_dense": float(np.mean([faces_dense(r["volume"]) for r in group])),
+            "span": float(np.mean([span(r["volume"], voxel_size) for r in group])),
             "fsc_0.5": angstrom, "mark": mark,
             "psnr": float(np.mean([r["psnr"] for r in group])), "iou": float(np.mean([r["iou"] for r in group])),
         })
@@ -146,7 +154,7 @@ def main(argv=None) -> None:
         reference_faces = float(np.median([faces_dense(r["volume"]) for r in reference]))
         large_maps = score(loaded.model, assemblies, args.split)
         shown[spec] = large_maps
-        large = per_entry(large_maps)
+        large = per_entry(large_maps, assemblies.voxel_size)
         for entry in large:
             entry["within"] = entry["fsc_0.5"] - median <= args.within
         report[spec] = {"checkpoint_id": loaded.checkpoint_id, "reference_median_fsc_0.5": median,
@@ -158,10 +166,10 @@ def main(argv=None) -> None:
               f"{median:.2f} Å, mean PSNR {report[spec]['reference_psnr']:.2f} dB, median dense faces "
               f"{reference_faces:.1%}; large complexes within {args.within:g} Å of it: {within} of "
               f"{len(large)}\n")
-        print("| entry | symmetry | mass (kDa) | cut off | dense faces | FSC 0.5 (Å) | PSNR (dB) | IoU | within |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| entry | symmetry | mass (kDa) | span (Å) | cut off | dense faces | FSC 0.5 (Å) | PSNR (dB) | IoU | within |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for e in sorted(large, key=lambda e: -(e["mass_kda"] or 0)):
-            print(f"| {e['entry']} | {e['symmetry']} | {e['mass_kda']:.0f} | {e['outside']:.0%} | "
+            print(f"| {e['entry']} | {e['symmetry']} | {e['mass_kda']:.0f} | {e['span']:.0f} | {e['outside']:.0%} | "
                   f"{e['faces_dense']:.0%} | {e['mark']}{e['fsc_0.5']:.2f} | {e['psnr']:.2f} | {e['iou']:.3f} | "
                   f"{'yes' if e['within'] else 'no'} |")
         print(flush=True)

@@ -30,6 +30,7 @@ def test_recipe_resumes_a_killed_run_and_restarts_one_killed_before_its_first_ch
     trains = {argv[argv.index("--model") + 1]: argv for kind, argv in calls if kind == "train"}
     assert "--resume" in trains["swan"] and "--resume" not in trains["swan-rq1"]
     assert all(argv[argv.index("--preset") + 1] == "full" for argv in trains.values())
+    assert all(argv.count("--steps") == 1 and argv[argv.index("--steps") + 1] == "3000" for argv in trains.values())
     for argv in trains.values():  # both models learn the proteins and the large complexes
         corpora = argv[argv.index("--corpus") + 1:argv.index("--device")]
         assert [Path(c).name for c in corpora] == ["corpus_default", "corpus_assemblies"]
@@ -77,6 +78,7 @@ def test_denoising_recipe_trains_shapes_fine_tunes_the_encoder_and_installs_half
     trains = {Path(argv[argv.index("--out") + 1]).name: argv for kind, argv in calls if kind == "train"}
     shapes, denoiser = trains["swan-shapes"], trains["swan-denoiser"]
     assert shapes[shapes.index("--corpus") + 1].endswith("corpus_meshes")
+    assert shapes.count("--steps") == 1 and shapes[shapes.index("--steps") + 1] == "1500"  # as shipped
     assert denoiser[denoiser.index("--init") + 1] == "bundled:swan"
     assert denoiser[denoiser.index("--train-only") + 1] == "encoder" and "--input-snr" in denoiser
     evaluations = [argv for kind, argv in calls if kind == "evaluate"]

@@ -121,10 +121,11 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="replace one field of the preset's model config, e.g. --set level_dropout=0.25 "
                         "(VALUE is read as JSON, else as text; repeatable)")
-    noise = p.add_argument_group("noise-aware fine-tune")
+    noise = p.add_argument_group("from a checkpoint; the noise-aware fine-tune")
     noise.add_argument("--init", metavar="CKPT",
                        help="start from this checkpoint's weights and configuration (bundled:swan or "
-                            "a .pt); --model must name its model, and --preset and --set do not apply")
+                            "a .pt), its live codebooks warm; --model must name its model, and --preset "
+                            "and --set do not apply")
     noise.add_argument("--input-snr", type=float, nargs=2, metavar=("LO", "HI"),
                        help="add noise to every input at an SNR drawn log-uniformly from [LO, HI] and "
                             "learn to reconstruct the clean map")

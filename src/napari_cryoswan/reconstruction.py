@@ -30,8 +30,9 @@ MIN_VOXELS_PER_AXIS = 8  # at the model's voxel size
 COARSEST_VOXEL_FACTOR = 2.0  # map voxel / model voxel
 CROPPED_FRACTION = 0.05  # of the positive density, outside the box
 # Of the voxels on the map's own box faces, above its mean + 1 s.d.: at most 0.03 over the maps of
-# the training corpora, 0.10-0.16 for the EMDB maps of a membrane (EMD-3197) and a crystal
-# (EMD-3001), which fill their boxes (benchmarks/bench_dense_faces.py).
+# the bundled checkpoints' training corpora, 0.10-0.16 for the EMDB maps of a membrane (EMD-3197)
+# and a crystal (EMD-3001), which fill their boxes (benchmarks/bench_dense_faces.py). The
+# large-complex corpus reaches 0.16: a checkpoint trained on it needs another rule.
 DENSE_FACES_FRACTION = 0.05
 
 

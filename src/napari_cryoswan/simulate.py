@@ -249,8 +249,9 @@ def symmetric_assemblies(
     Each copy is the subunit in one random orientation (per assembly), moved out from the
     symmetry centre by the smallest radius (and, for a filament, the smallest rise per subunit)
     at which no two copies clash (atoms closer than ``CLASH_DISTANCE``), so the copies pack
-    tightly and touch; of ``_PLACEMENTS`` random placements the most compact is kept. Point groups are kept when the assembly's mass lies in
-    [``min_mass_kda``, ``max_mass_kda``] (4 MDa: an 80S ribosome); a filament, of subunits up to
+    tightly and touch; of ``_PLACEMENTS`` random placements the most compact is kept. Point
+    groups are kept when the assembly's mass lies in [``min_mass_kda``, ``max_mass_kda``]
+    (4 MDa: an 80S ribosome); a filament, of subunits up to
     ``HELIX_MAX_SUBUNIT_KDA``, is ``filament_length`` Å long, so it crosses and overflows a
     256 Å box. Up to ``count`` assemblies of distinct symmetries, chosen at random; the result
     depends only on the structure and ``seed``.
@@ -274,10 +275,12 @@ def symmetric_assemblies(
     assemblies = []
     for k, symmetry in enumerate(picked):
         place = _helix if symmetry == "helix" else partial(_point_group, group=str(symmetry))
-        # Of a few random placements, the most compact: real assemblies pack tightly.
-        orientation, transforms, radius, label = min(
-            (place(centred, probe_index, rng, filament_length) for _ in range(_PLACEMENTS)),
-            key=lambda placement: placement[2])
+        placements = []
+        for _ in range(_PLACEMENTS):
+            orientation = Rotation.random(random_state=rng).as_matrix()
+            placements.append((orientation, *place(centred[probe_index] @ orientation.T, rng, filament_length)))
+        # The most compact placement: real assemblies pack tightly.
+        orientation, transforms, radius, label = min(placements, key=lambda placement: placement[2])
         subunit = centred @ orientation.T
         copies = [subunit @ rotation.T + shift for rotation, shift in transforms]
         chains = np.concatenate([np.char.add(atoms.chain.astype(str), f"/{i}") for i in range(len(copies))])
@@ -286,13 +289,11 @@ def symmetric_assemblies(
     return assemblies
 
 
-def _point_group(centred, probe_index, rng, length, group):
-    """Copies of the subunit in one random orientation, moved to R·d and rotated by each element
-    g of the group, at the smallest clash-free R. Returns (orientation, [(g, g·R·d)], R, "")."""
+def _point_group(probe, rng, length, group):
+    """The subunit's atoms ``probe`` (oriented, centred) moved to R·d and rotated by each element g
+    of the group, at the smallest clash-free R. Returns ([(g, g·R·d)], R, "")."""
     from scipy.spatial.transform import Rotation
 
-    orientation = Rotation.random(random_state=rng).as_matrix()
-    probe = centred[probe_index] @ orientation.T
     rotations = Rotation.create_group(group).as_matrix()
     if group[0] == "C":  # any direction off the axis; a shift along the axis moves the whole ring
         direction = np.array([1.0, 0.0, 0.0])
@@ -309,18 +310,14 @@ def _point_group(centred, probe_index, rng, length, group):
         return not _clash(placed, np.concatenate([placed @ g.T for g in others]))
 
     radius = _smallest_clear(clear, step=4.0)
-    return orientation, [(g, g @ (radius * direction)) for g in rotations], radius, ""
+    return [(g, g @ (radius * direction)) for g in rotations], radius, ""
 
 
-def _helix(centred, probe_index, rng, length):
-    """A one-start helix, ``length`` Å long, of the subunit in one random orientation with a
-    random number of subunits per turn (3–8): the smallest radius at which neighbours in the turn
-    do not clash, then the smallest rise at which no copy within a turn and a half does.
-    Returns (orientation, [(rotation, shift)], radius, description)."""
-    from scipy.spatial.transform import Rotation
-
-    orientation = Rotation.random(random_state=rng).as_matrix()
-    probe = centred[probe_index] @ orientation.T
+def _helix(probe, rng, length):
+    """A one-start helix, ``length`` Å long, of the subunit's atoms ``probe`` (oriented, centred)
+    with a random number of subunits per turn (3–8): the smallest radius at which neighbours in
+    the turn do not clash, then the smallest rise at which no copy within a turn and a half does.
+    Returns ([(rotation, shift)], radius, description)."""
     per_turn = rng.uniform(3.0, 8.0)
 
     def turn(k):
@@ -337,7 +334,7 @@ def _helix(centred, probe_index, rng, length):
                            step=1.0)
     half = int(np.ceil(length / (2 * rise)))
     transforms = [(turn(k), turn(k) @ [radius, 0.0, 0.0] + [0.0, 0.0, k * rise]) for k in range(-half, half + 1)]
-    return orientation, transforms, radius, f"helix {per_turn:.1f}/turn, rise {rise:.1f} Å"
+    return transforms, radius, f"helix {per_turn:.1f}/turn, rise {rise:.1f} Å"
 
 
 def _clash(a: np.ndarray, b: np.ndarray, distance: float = CLASH_DISTANCE) -> bool:

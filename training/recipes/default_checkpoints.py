@@ -27,8 +27,9 @@ from training import evaluate, train
 from training.recipes import default_corpus
 
 MODELS = ("swan", "swan-rq1")
-TRAIN_ARGS = ["--steps", "3000", "--batch-size", "4", "--val-every", "100",
-              "--checkpoint-every", "50", "--seed", "0"]
+# What every bundled model's training shares; the step budget is each recipe's own.
+TRAIN_ARGS = ["--batch-size", "4", "--val-every", "100", "--checkpoint-every", "50", "--seed", "0"]
+STEPS = "3000"
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parents[2] / "src" / "napari_cryoswan" / "checkpoints"
 
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     for model in MODELS:
         out = args.work / model
         code = train_or_resume(out, ["--model", model, "--corpus", str(corpus), str(large), "--device",
-                                     args.device, "--preset", args.preset, *TRAIN_ARGS])
+                                     args.device, "--preset", args.preset, "--steps", STEPS, *TRAIN_ARGS])
         if code:
             return code
         finals.append(out / "model.pt")

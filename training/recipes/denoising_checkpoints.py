@@ -4,7 +4,8 @@
 
 1. builds (or resumes) the protein and shape corpora with ``training.recipes.default_corpus``;
 2. trains ``swan-shapes``: Cryo-SWAN on the voxelised meshes, for the paper's ModelNet denoising
-   protocol, with the settings and budget of the protein checkpoints (``default_checkpoints``);
+   protocol, with the settings of the protein checkpoints (``default_checkpoints``) and the
+   1,500 steps the shipped file was trained for;
 3. fine-tunes ``swan-denoiser``: the bundled ``swan``'s encoder, trained on noisy copies (SNR
    0.1–2) of the protein corpus's training maps to give the codes of the clean maps, its
    codebooks and decoder unchanged (``training.train --init --input-snr --train-only encoder``);
@@ -32,6 +33,7 @@ DENOISER_SNR = ("0.1", "2")  # the benchmark's range of SNRs, drawn log-uniforml
 DENOISER_ARGS = ["--init", "bundled:swan", "--input-snr", *DENOISER_SNR, "--train-only", "encoder",
                  "--steps", "600", "--batch-size", "4", "--lr", "3e-4", "--val-every", "100",
                  "--checkpoint-every", "50", "--max-val", "32", "--seed", "0"]
+SHAPES_STEPS = "1500"  # the budget of the shipped swan-shapes.pt
 SNRS = ["0.1", "0.25", "0.5", "1", "2"]
 EVALUATE_ARGS = ["--split", "test", "--max-maps", "10", "--snr", *SNRS, "--seed", "0"]
 
@@ -48,7 +50,8 @@ def main(argv=None) -> int:
     device = ["--device", args.device]
     runs = {"swan-shapes": args.work / "swan-shapes", "swan-denoiser": args.work / "swan-denoiser"}
     code = code or train_or_resume(runs["swan-shapes"], ["--model", "swan", "--preset", "cpu",
-                                                         "--corpus", str(shapes), *TRAIN_ARGS, *device])
+                                                         "--corpus", str(shapes), "--steps", SHAPES_STEPS,
+                                                         *TRAIN_ARGS, *device])
     code = code or train_or_resume(runs["swan-denoiser"], ["--model", "swan", "--corpus", str(proteins),
                                                            *DENOISER_ARGS, *device])
     finals = {name: run / "model.pt" for name, run in runs.items()}
