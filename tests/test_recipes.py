@@ -31,6 +31,7 @@ def test_recipe_resumes_a_killed_run_and_restarts_one_killed_before_its_first_ch
     assert "--resume" in trains["swan"] and "--resume" not in trains["swan-rq1"]
     assert all(argv[argv.index("--preset") + 1] == "full" for argv in trains.values())
     assert all(argv.count("--steps") == 1 and argv[argv.index("--steps") + 1] == "3000" for argv in trains.values())
+    assert all("--no-amp" in argv for argv in trains.values())  # a GPU retrains the CPU's numerics
     for argv in trains.values():  # both models learn the proteins and the large complexes
         corpora = argv[argv.index("--corpus") + 1:argv.index("--device")]
         assert [Path(c).name for c in corpora] == ["corpus_default", "corpus_assemblies"]
