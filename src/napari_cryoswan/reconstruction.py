@@ -29,10 +29,11 @@ Stage = Callable[[int, int, str], None]  # (done, total, what is happening)
 MIN_VOXELS_PER_AXIS = 8  # at the model's voxel size
 COARSEST_VOXEL_FACTOR = 2.0  # map voxel / model voxel
 CROPPED_FRACTION = 0.05  # of the positive density, outside the box
-# Of the voxels on the map's own box faces, above its mean + 1 s.d.: at most 0.03 over the maps of
-# the bundled checkpoints' training corpora, 0.10-0.16 for the EMDB maps of a membrane (EMD-3197)
-# and a crystal (EMD-3001), which fill their boxes (benchmarks/bench_dense_faces.py). The
-# large-complex corpus reaches 0.16: a checkpoint trained on it needs another rule.
+# Of the voxels on the map's own box faces, above its mean + 1 s.d.: at most 0.03 over the protein
+# and shape corpora, 0.10-0.16 for the EMDB maps of a membrane (EMD-3197) and a crystal (EMD-3001),
+# which fill their boxes (benchmarks/bench_dense_faces.py). Large complexes cropped by the box
+# reach 0.16 too, and swan.pt learned them; it still fails both EMDB maps (docs/DENOISING.md), so
+# the note names what fails rather than what the model saw.
 DENSE_FACES_FRACTION = 0.05
 
 
@@ -135,10 +136,10 @@ def input_concerns(density: DensityMap, settings: PreprocessSettings,
     if faces > DENSE_FACES_FRACTION:
         concerns.append(
             f"The density runs into the edges of its own box ({faces:.0%} of the box faces lie "
-            "above mean + 1 s.d.): a membrane, filament, crystal or crop of a larger map, not "
-            "the isolated particle in solvent that the model learned. Expect it to be remade as "
-            "particle-like blobs; a classical filter or a map masked to one particle suits it "
-            "better.")
+            "above mean + 1 s.d.): a membrane, filament, crystal or crop of a larger map. The "
+            "bundled models remake such maps as particle-like blobs (a membrane and a crystal "
+            "from EMDB: FSC below 0.5 at every shell); a classical filter or a map masked to one "
+            "particle suits it better.")
     outside = estimated_fraction_outside(density, settings) if estimate_outside else 0.0
     if outside > CROPPED_FRACTION:
         edge = settings.box * settings.voxel_size
