@@ -32,8 +32,8 @@ CROPPED_FRACTION = 0.05  # of the positive density, outside the box
 # Of the voxels on the map's own box faces, above its mean + 1 s.d.: at most 0.03 over the protein
 # and shape corpora, 0.10-0.16 for the EMDB maps of a membrane (EMD-3197) and a crystal (EMD-3001),
 # which fill their boxes (benchmarks/bench_dense_faces.py). Large complexes cropped by the box
-# reach 0.16 too, and swan.pt learned them; it still fails both EMDB maps (docs/DENOISING.md), so
-# the note names what fails rather than what the model saw.
+# reach 0.16 too, and swan.pt learned them; it still fails the membrane (43 Å by FSC 0.5 against
+# 9 Å for particles, docs/DENOISING.md), so the note names what fails rather than what it saw.
 DENSE_FACES_FRACTION = 0.05
 
 
@@ -137,9 +137,9 @@ def input_concerns(density: DensityMap, settings: PreprocessSettings,
         concerns.append(
             f"The density runs into the edges of its own box ({faces:.0%} of the box faces lie "
             "above mean + 1 s.d.): a membrane, filament, crystal or crop of a larger map. The "
-            "bundled models remake such maps as particle-like blobs (a membrane and a crystal "
-            "from EMDB: FSC below 0.5 at every shell); a classical filter or a map masked to one "
-            "particle suits it better.")
+            "bundled models remake such maps as particle-like blobs (a membrane from EMDB comes "
+            "back at 43 Å by FSC 0.5, simulated particles at 9 Å); a classical filter or a map "
+            "masked to one particle suits it better.")
     outside = estimated_fraction_outside(density, settings) if estimate_outside else 0.0
     if outside > CROPPED_FRACTION:
         edge = settings.box * settings.voxel_size
