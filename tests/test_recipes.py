@@ -82,6 +82,7 @@ def test_denoising_recipe_trains_shapes_fine_tunes_the_encoder_and_installs_half
     assert shapes.count("--steps") == 1 and shapes[shapes.index("--steps") + 1] == "1500"  # as shipped
     assert denoiser[denoiser.index("--init") + 1] == "bundled:swan"
     assert denoiser[denoiser.index("--train-only") + 1] == "encoder" and "--input-snr" in denoiser
+    assert "--no-amp" in shapes and "--no-amp" in denoiser  # float32 on a GPU too
     evaluations = [argv for kind, argv in calls if kind == "evaluate"]
     assert [argv[argv.index("--corpus") + 1].rsplit("/", 1)[-1] for argv in evaluations] == [
         "corpus_meshes", "corpus_default"]

@@ -11,9 +11,9 @@
    as ``swan.pt`` and ``swan-rq1.pt`` (asking nothing: pass it only when you mean to replace
    the shipped weights; without it the files stay in the work folder).
 
-The shipped files are older: they were trained by this recipe at commit 9108e0d (1,500 steps, the
-protein corpus only, the presets' legacy codebooks; docs/CHECKPOINTS.md). This recipe trains their
-successors. A killed run resumes when the same command is run again.
+The shipped files were trained with these settings on one GPU (docs/CHECKPOINTS.md); their
+predecessors came from this recipe at commit 9108e0d. A killed run resumes when the same command
+is run again.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from training import evaluate, train
 from training.recipes import default_corpus
 
 MODELS = ("swan", "swan-rq1")
-# What every bundled model's training shares; the step budget is each recipe's own. Full precision
-# everywhere (--no-amp), so that a GPU trains the same numerics that the CPU runs were measured with.
+# What every bundled model's training shares; the step budget is each recipe's own. No bf16
+# autocast (--no-amp): a GPU trains in float32, as the CPU runs were measured (cuDNN may use TF32).
 TRAIN_ARGS = ["--batch-size", "4", "--val-every", "100", "--checkpoint-every", "50", "--seed", "0", "--no-amp"]
 STEPS = "3000"
 PACKAGE_CHECKPOINTS = Path(__file__).resolve().parents[2] / "src" / "napari_cryoswan" / "checkpoints"

@@ -32,7 +32,7 @@ from training.recipes.default_checkpoints import (PACKAGE_CHECKPOINTS, TRAIN_ARG
 DENOISER_SNR = ("0.1", "2")  # the benchmark's range of SNRs, drawn log-uniformly per map
 DENOISER_ARGS = ["--init", "bundled:swan", "--input-snr", *DENOISER_SNR, "--train-only", "encoder",
                  "--steps", "600", "--batch-size", "4", "--lr", "3e-4", "--val-every", "100",
-                 "--checkpoint-every", "50", "--max-val", "32", "--seed", "0"]
+                 "--checkpoint-every", "50", "--max-val", "32", "--seed", "0", "--no-amp"]
 SHAPES_STEPS = "1500"  # the budget of the shipped swan-shapes.pt
 SNRS = ["0.1", "0.25", "0.5", "1", "2"]
 EVALUATE_ARGS = ["--split", "test", "--max-maps", "10", "--snr", *SNRS, "--seed", "0"]
