@@ -78,6 +78,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-size", type=int, default=5)
     parser.add_argument("--min-samples", type=int, default=HUB_MIN_SAMPLES,
                         help="HDBSCAN's min_samples (default: find_hubs' default)")
+    parser.add_argument("--selection", default="eom", choices=("eom", "leaf"),
+                        help="HDBSCAN's cluster_selection_method (the explorer uses leaf)")
     parser.add_argument("--n-neighbors", type=int, default=15)
     parser.add_argument("--min-dist", type=float, default=0.1)
     parser.add_argument("--queries", type=int, default=200, help="held-out maps placed one at a time")
@@ -203,7 +205,7 @@ def bench_size(n: int, separation: float, args) -> dict:
             coords = coords_by_seed[seed]
             hubs, seconds = timed(lambda: find_hubs(vectors, coords, min_size=args.min_size,
                                                     min_samples=args.min_samples, cluster_on=space,
-                                                    max_mads=max_mads))
+                                                    max_mads=max_mads, selection=args.selection))
             hub_seconds.append(seconds)
             labelings.append(hub_labels(hubs, n))
         recovery = [adjusted_rand(truth, labels) for labels in labelings]
@@ -234,10 +236,10 @@ def bench_index(args) -> list[dict]:
     rows = []
     for space in ("projection", "embedding"):
         stability = hub_stability(index.embeddings, seeds=tuple(args.seeds), min_size=args.min_size,
-                                  min_samples=args.min_samples, cluster_on=space)
+                                  min_samples=args.min_samples, cluster_on=space, selection=args.selection)
         coords = fit_projection(index.embeddings, seed=args.seeds[0]) if space == "projection" else None
         hubs = find_hubs(index.embeddings, coords, min_size=args.min_size, min_samples=args.min_samples,
-                         cluster_on=space)
+                         cluster_on=space, selection=args.selection)
         rows.append({"space": space, "maps": len(index), **{k: v for k, v in stability.items() if k != "pair_ari"},
                      "hubs": [[index.rows[m]["name"] for m in hub.members[:6]] for hub in hubs]})
     return rows

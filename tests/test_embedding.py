@@ -15,6 +15,7 @@ from napari_cryoswan.embedding import (
     posed_box,
     principal_pose,
     save_head,
+    shell_features,
 )
 from napari_cryoswan.preprocess import rotate
 from training import train_embedding
@@ -92,6 +93,33 @@ def test_a_recipe_without_a_step_names_itself(swan):
     assert not np.allclose(full.features(box), unposed.features(box))
 
 
+class _FixedLatents:
+    """A stand-in encoder whose latents are given: shell pooling can be checked by hand."""
+
+    def __init__(self, **latents):
+        from types import SimpleNamespace
+
+        self.result = SimpleNamespace(latents={k: torch.as_tensor(v) for k, v in latents.items()})
+
+    def encode(self, x):
+        return self.result
+
+
+def test_shell_features_are_each_shells_mean_then_its_spread():
+    # RQ2-sized latent (8³, 4 shells): channel 0 is the radius, channel 1 a constant.
+    centre = 3.5
+    radius = np.sqrt(((np.indices((8, 8, 8)) - centre) ** 2).sum(0))
+    latent = np.stack([radius, np.full_like(radius, 2.0)])[None].astype(np.float32)
+    features = shell_features(_FixedLatents(rq2=latent), None).numpy()[0]
+    shell = np.minimum((radius / 4.0 * 4).astype(int), 3)
+    means = [radius[shell == k].mean() for k in range(4)]
+    spreads = [radius[shell == k].std(ddof=1) for k in range(4)]
+    # Per shell, both channels: the four shells' means, then the four shells' spreads.
+    expected = np.ravel([[m, 2.0] for m in means] + [[s, 0.0] for s in spreads])
+    assert np.allclose(features, expected, atol=1e-5)
+    assert all(np.diff(means) > 0)  # outer shells lie farther out
+
+
 def _labelled_features(seed: int = 0):
     """Six classes of 8 views each in 20 dimensions: class means apart, views spread."""
     rng = np.random.default_rng(seed)
@@ -141,6 +169,15 @@ def test_a_damaged_head_file_says_what_to_do(tmp_path):
         load_head(tmp_path / "other.pt")
     with pytest.raises(EmbeddingError, match="no such"):
         load_head(tmp_path / "missing.embedding.pt")
+
+
+def test_a_head_of_an_earlier_embedding_recipe_is_refused(tmp_path):
+    features, labels = _labelled_features()
+    save_head(tmp_path / "old.embedding.pt", train_embedding.fit_head(features, labels, autoencoder_id="x", steps=2))
+    payload = torch.load(tmp_path / "old.embedding.pt", weights_only=True)
+    torch.save({**payload, "recipe": "pose-shells-1"}, tmp_path / "old.embedding.pt")
+    with pytest.raises(EmbeddingError, match="train it again"):
+        load_head(tmp_path / "old.embedding.pt")
 
 
 def test_train_embedding_writes_a_head_that_the_embedder_uses(tiny_corpus, small_checkpoints, tmp_path, capsys):

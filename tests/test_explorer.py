@@ -140,6 +140,16 @@ def test_the_projection_is_fitted_again_when_the_index_grows(index_copy, maps, s
     assert projection_of(open_index(index_copy)).meta["seed"] == 3
 
 
+def test_a_projection_fitted_by_other_hub_rules_is_fitted_again(index_copy, monkeypatch):
+    # A projection stored by an earlier version, whose hubs were found another way.
+    monkeypatch.setattr("napari_cryoswan.projection.fit_projection", stand_in_fit)
+    meta_file = index_copy / PROJECTION_DIR / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "hubs": {**meta["hubs"], "selection": "eom"}}))
+    assert read_projection(open_index(index_copy)) is None
+    assert projection_of(open_index(index_copy)).meta["hubs"]["selection"] == "leaf"
+
+
 def test_a_damaged_projection_is_fitted_again(index_copy, monkeypatch):
     monkeypatch.setattr("napari_cryoswan.projection.fit_projection", stand_in_fit)
     coords = index_copy / PROJECTION_DIR / "coords.npy"

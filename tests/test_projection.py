@@ -129,6 +129,22 @@ def test_hubs_can_be_found_in_the_embedding_itself(corpus):
     assert (labels[corpus["truth"] < 0] == -1).all()
 
 
+def test_leaf_selection_splits_a_group_into_its_dense_parts():
+    # Two far groups, each three tight clumps close together: HDBSCAN's default ("eom") keeps
+    # the two groups, "leaf" their dense parts, none of which straddles the two groups.
+    rng = np.random.default_rng(0)
+    clumps = 0.2 * np.array([[0, 0], [1, 0], [0.5, 0.9]])
+    centres = np.concatenate([clumps, clumps + [20, 0]])
+    points = np.concatenate([centre + rng.normal(0, 0.05, (20, 2)) for centre in centres])
+    group = np.repeat([0, 1], 60)
+    coarse = find_hubs(points, None, min_size=5, cluster_on="embedding")
+    fine = find_hubs(points, None, min_size=5, cluster_on="embedding", selection="leaf")
+    assert sorted(len(hub.members) for hub in coarse) == [60, 60]
+    assert len(fine) > 2 and all(len(set(group[list(hub.members)])) == 1 for hub in fine)
+    with pytest.raises(ValueError, match="selection"):
+        find_hubs(points, None, cluster_on="embedding", selection="biggest")
+
+
 def test_a_far_map_that_the_picture_puts_inside_a_group_is_not_a_member():
     # Coordinates made by hand: 20 maps in one tight spot on the picture, as UMAP might draw
     # them, but map 0 is far from the others in the embedding (UMAP glued it on). 32-D, as

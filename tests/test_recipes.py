@@ -26,7 +26,7 @@ def test_recipe_resumes_a_killed_run_and_restarts_one_killed_before_its_first_ch
     (tmp_path / "swan" / "last.pt").write_bytes(b"state")  # killed after a checkpoint
     (tmp_path / "swan-rq1").mkdir()
     (tmp_path / "swan-rq1" / "config.json").write_text("{}")  # killed before its first one
-    assert recipe.main(["data", "--work", str(tmp_path), "--preset", "full"]) == 0
+    assert recipe.main(["data", "--work", str(tmp_path), "--preset", "full", "--workers", "16"]) == 0
     trains = {argv[argv.index("--model") + 1]: argv for kind, argv in calls if kind == "train"}
     assert "--resume" in trains["swan"] and "--resume" not in trains["swan-rq1"]
     assert all(argv[argv.index("--preset") + 1] == "full" for argv in trains.values())
@@ -37,6 +37,7 @@ def test_recipe_resumes_a_killed_run_and_restarts_one_killed_before_its_first_ch
         assert [Path(c).name for c in corpora] == ["corpus_default", "corpus_assemblies"]
     built = next(argv for kind, argv in calls if kind == "corpus")
     assert Path(built[built.index("--assemblies-out") + 1]).name == "corpus_assemblies"
+    assert built[built.index("--workers") + 1] == "16"
     assert not (tmp_path / "swan-rq1" / "config.json").exists()
     evaluated = next(argv for kind, argv in calls if kind == "evaluate")
     assert evaluated[evaluated.index("--split") + 1] == "test"
@@ -83,6 +84,8 @@ def test_denoising_recipe_trains_shapes_fine_tunes_the_encoder_and_installs_half
     assert denoiser[denoiser.index("--init") + 1] == "bundled:swan"
     assert denoiser[denoiser.index("--train-only") + 1] == "encoder" and "--input-snr" in denoiser
     assert "--no-amp" in shapes and "--no-amp" in denoiser  # float32 on a GPU too
+    built = next(argv for kind, argv in calls if kind == "corpus")
+    assert built[built.index("--workers") + 1] == "2"  # the default
     evaluations = [argv for kind, argv in calls if kind == "evaluate"]
     assert [argv[argv.index("--corpus") + 1].rsplit("/", 1)[-1] for argv in evaluations] == [
         "corpus_meshes", "corpus_default"]

@@ -13,9 +13,10 @@ The recipe, for one 64³ preprocessed box:
    to the side with the positive third moment. The encoder's positional encoding makes its
    features depend on where density lies, so without this a rotated copy looks like another
    map.
-3. **Shell pooling** (``shell_features``): each level's continuous latent, averaged over
-   concentric shells about the box centre (6 shells at 16³, 4 at 8³): invariant to any pose
-   error left about the centre, and it still keeps where density lies radially.
+3. **Shell pooling** (``shell_features``): each level's continuous latent, pooled over
+   concentric shells about the box centre (6 shells at 16³, 4 at 8³) by its mean and its
+   standard deviation: invariant to any pose error left about the centre, it still keeps where
+   density lies radially, and the spread says how varied the latent is within a shell.
 4. **Invariance head** (``EmbeddingHead``, optional): a small MLP trained on the training
    corpus's rotated and degraded copies with a supervised contrastive loss
    (``training.train_embedding``), so that copies of one map land close and other maps far.
@@ -34,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-RECIPE = "pose-shells-1"
+RECIPE = "pose-shells-2"  # 2: shells pooled by mean and s.d. (1: mean only)
 PREFILTER_SIGMA = 1.5  # voxels
 CONTOUR_SDS = 1.0  # density kept above mean + this many s.d.
 SHELLS = {"rq1": 6, "rq2": 4}  # shells per level; levels not listed use 4
@@ -112,7 +113,8 @@ def degraded_copy(box: np.ndarray, rng: np.random.Generator, *, blur: float = 1.
 # --- 3. shell pooling ------------------------------------------------------------------------
 
 def shell_features(model, x_B1dhw):
-    """(B, F): each level's latent averaged over concentric shells about the box centre."""
+    """(B, F): each level's latent pooled over concentric shells about the box centre, by the
+    mean of each channel in each shell, then by its standard deviation."""
     import torch
 
     latents = model.encode(x_B1dhw).latents
@@ -120,8 +122,8 @@ def shell_features(model, x_B1dhw):
     for name in sorted(latents):
         z_BCdhw = latents[name].float()
         shell_index = _shell_index(z_BCdhw.shape[-1], SHELLS.get(name, 4)).to(z_BCdhw.device)
-        for shell in range(int(shell_index.max()) + 1):
-            parts.append(z_BCdhw[..., shell_index == shell].mean(-1))
+        shells = [z_BCdhw[..., shell_index == shell] for shell in range(int(shell_index.max()) + 1)]
+        parts += [z_BCk.mean(-1) for z_BCk in shells] + [z_BCk.std(-1) for z_BCk in shells]
     return torch.cat(parts, 1)
 
 

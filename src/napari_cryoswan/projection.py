@@ -46,6 +46,8 @@ import numpy as np
 
 ClusterSpace = Literal["projection", "embedding"]
 CLUSTER_SPACES = ("projection", "embedding")
+HubSelection = Literal["eom", "leaf"]
+HUB_SELECTIONS = ("eom", "leaf")
 
 # HDBSCAN's min_samples for hubs: the density scale. The default matches fit_projection's
 # n_neighbors, because a UMAP layout holds no trustworthy structure finer than one neighbourhood:
@@ -299,12 +301,16 @@ def _hub_from_rows(hub_id: int, rows: np.ndarray, vectors: np.ndarray, *, min_si
                distances=tuple(float(d) for d in distances[order]))
 
 
-def cluster_labels(points, *, min_size: int = 5, min_samples: int | None = HUB_MIN_SAMPLES) -> np.ndarray:
+def cluster_labels(points, *, min_size: int = 5, min_samples: int | None = HUB_MIN_SAMPLES,
+                   selection: HubSelection = "eom") -> np.ndarray:
     """HDBSCAN labels of the points (N, d): -1 for noise, else a group number.
 
     ``min_size`` is HDBSCAN's ``min_cluster_size``: the smallest hub. ``min_samples`` is the
     density scale (see HUB_MIN_SAMPLES; None: HDBSCAN's default, ``min_size``): larger smooths
     more and calls more points noise; smaller finds smaller hubs, which move more with the seed.
+    ``selection`` is HDBSCAN's ``cluster_selection_method``: "eom" keeps the most persistent
+    groups, which can be one group that holds most points when the density has no deep valleys;
+    "leaf" keeps the finest dense groups of the hierarchy.
     """
     points = _as_vectors(points, "points")
     min_size = _positive_int(min_size, "min_size", minimum=2)
@@ -314,13 +320,16 @@ def cluster_labels(points, *, min_size: int = 5, min_samples: int | None = HUB_M
 
     from sklearn.cluster import HDBSCAN
 
+    if selection not in HUB_SELECTIONS:
+        raise ValueError(f"selection must be one of {HUB_SELECTIONS}; got {selection!r}")
     clusterer = HDBSCAN(min_cluster_size=min_size, min_samples=min(min_samples, len(points) - 1) or 1,
-                        metric="euclidean", copy=True)
+                        metric="euclidean", cluster_selection_method=selection, copy=True)
     return clusterer.fit_predict(points.astype(np.float64, copy=False)).astype(np.intp)
 
 
 def find_hubs(vectors, coords=None, *, min_size: int = 5, min_samples: int | None = HUB_MIN_SAMPLES,
-              cluster_on: ClusterSpace = "projection", max_mads: float | None = 3.0) -> list[Hub]:
+              cluster_on: ClusterSpace = "projection", max_mads: float | None = 3.0,
+              selection: HubSelection = "eom") -> list[Hub]:
     """Hubs: dense groups of geometrically similar maps (the paper's Fig. 3d), largest first.
 
     HDBSCAN (scikit-learn) finds the groups, on the 2-D ``coords`` (``cluster_on="projection"``,
@@ -356,7 +365,7 @@ def find_hubs(vectors, coords=None, *, min_size: int = 5, min_samples: int | Non
         points = vectors
     if max_mads is not None and not max_mads >= 0:
         raise ValueError(f"max_mads must be ≥ 0 or None; got {max_mads!r}")
-    labels = cluster_labels(points, min_size=min_size, min_samples=min_samples)
+    labels = cluster_labels(points, min_size=min_size, min_samples=min_samples, selection=selection)
 
     groups = [np.flatnonzero(labels == label) for label in np.unique(labels[labels >= 0])]
     hubs = [_hub_from_rows(-1, rows, vectors, min_size=min_size, max_mads=max_mads) for rows in groups]
@@ -457,7 +466,7 @@ def compare_labelings(labelings, *, names=None) -> dict:
 def hub_stability(vectors, *, seeds=(0, 1, 2, 3, 4), n_neighbors: int = 15, min_dist: float = 0.1,
                   min_size: int = 5, min_samples: int | None = HUB_MIN_SAMPLES,
                   cluster_on: ClusterSpace = "projection", max_mads: float | None = 3.0,
-                  return_labels: bool = False) -> dict:
+                  selection: HubSelection = "eom", return_labels: bool = False) -> dict:
     """How much the hubs depend on the UMAP seed: one projection and one set of hubs per seed.
 
     Returns plain JSON types:
@@ -488,7 +497,7 @@ def hub_stability(vectors, *, seeds=(0, 1, 2, 3, 4), n_neighbors: int = 15, min_
         coords = fit_projection(vectors, seed=seed, n_neighbors=n_neighbors, min_dist=min_dist) \
             if cluster_on == "projection" else None
         hubs = find_hubs(vectors, coords, min_size=min_size, min_samples=min_samples, cluster_on=cluster_on,
-                         max_mads=max_mads)
+                         max_mads=max_mads, selection=selection)
         labelings.append(hub_labels(hubs, len(vectors)))
 
     result = {"seeds": seeds, "cluster_on": cluster_on, **compare_labelings(labelings, names=seeds)}

@@ -1,6 +1,6 @@
 """Rebuild the bundled checkpoints from the offline data, in one command.
 
-    python -m training.recipes.default_checkpoints DATA_DIR [--work runs] [--install]
+    python -m training.recipes.default_checkpoints DATA_DIR [--work runs] [--workers N] [--install]
 
 1. builds (or resumes) the protein corpus and the large-complex corpus with
    ``training.recipes.default_corpus`` (no meshes);
@@ -47,12 +47,15 @@ def train_or_resume(out: Path, train_args: list[str]) -> int:
 
 
 def recipe_parser(module: str, description: str) -> argparse.ArgumentParser:
-    """The arguments every checkpoint recipe takes: the data folder, --work and --device."""
+    """The arguments every checkpoint recipe takes: the data folder, --work, --device and the
+    corpus step's --workers."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path, help="the offline data folder (structures/, meshes/)")
     parser.add_argument("--work", type=Path, default=Path("runs"), help="corpora, runs and reports")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes that build the corpora (default 2; a machine's core count is faster)")
     return parser
 
 
@@ -66,7 +69,7 @@ def main(argv=None) -> int:
 
     corpus, large = args.work / "corpus_default", args.work / "corpus_assemblies"
     code = default_corpus.main([str(args.data_dir), "--out", str(corpus), "--no-meshes",
-                                "--assemblies-out", str(large)])
+                                "--assemblies-out", str(large), "--workers", str(args.workers)])
     if code:
         return code
     finals = []

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     proteins, shapes = args.work / "corpus_default", args.work / "corpus_meshes"
-    code = default_corpus.main([str(args.data_dir), "--out", str(proteins), "--meshes-out", str(shapes)])
+    code = default_corpus.main([str(args.data_dir), "--out", str(proteins), "--meshes-out", str(shapes),
+                                 "--workers", str(args.workers)])
     device = ["--device", args.device]
     runs = {"swan-shapes": args.work / "swan-shapes", "swan-denoiser": args.work / "swan-denoiser"}
     code = code or train_or_resume(runs["swan-shapes"], ["--model", "swan", "--preset", "cpu",
