@@ -227,6 +227,30 @@ def bench_size(n: int, separation: float, args) -> dict:
     return result
 
 
+def neighbour_sizes(index) -> dict:
+    """How well an index's nearest neighbours keep a map's size: for each map with a mass, the
+    |log2| mass ratio to its nearest other map, against that of every pair; and the median
+    distance to the nearest other map against that between any two (how evenly maps spread)."""
+    masses = np.array([row.get("mass_kda") or np.nan for row in index.rows], float)
+    nearest_rows, nearest_distances = [], []
+    for row in range(len(index)):
+        neighbour = index.search(index.embeddings[row], k=1, exclude=row)[0]
+        nearest_rows.append(neighbour.row)
+        nearest_distances.append(neighbour.distance)
+    known = np.isfinite(masses) & np.isfinite(masses[nearest_rows])
+    ratio = np.abs(np.log2(masses[nearest_rows] / masses))[known]
+    pairs = np.abs(np.log2(masses[:, None] / masses[None]))[np.triu_indices(len(masses), 1)]
+    pairs = pairs[np.isfinite(pairs)]
+    vectors = index.embeddings.astype(np.float64)
+    all_distances = np.sqrt(((vectors[:, None] - vectors[None]) ** 2).sum(-1))[np.triu_indices(len(vectors), 1)]
+    return {"maps_with_mass": int(known.sum()),
+            "nearest_within_1.5x_mass": float((ratio < np.log2(1.5)).mean()) if known.any() else None,
+            "median_mass_fold_nearest": float(2 ** np.median(ratio)) if known.any() else None,
+            "median_mass_fold_any_pair": float(2 ** np.median(pairs)) if len(pairs) else None,
+            "median_distance_nearest": float(np.median(nearest_distances)),
+            "median_distance_any_pair": float(np.median(all_distances))}
+
+
 def bench_index(args) -> list[dict]:
     """Hub stability across UMAP seeds on an index's embeddings, hubs found on the projection
     and on the embedding, with each hub's anchor and first members by name (seed 0)."""
@@ -250,6 +274,9 @@ def main() -> None:
     env = environment()
     if args.index is not None:
         rows = bench_index(args)
+        from napari_cryoswan.index import open_index
+
+        sizes = neighbour_sizes(open_index(args.index))
         print(f"# bench_hubs on {args.index}\n")
         for key, value in env.items():
             print(f"- {key}: {value}")
@@ -258,12 +285,18 @@ def main() -> None:
         for r in rows:
             print(f"| {r['space']} | {r['maps']} | {r['n_hubs']} | {[round(x, 2) for x in r['hubbed_share']]} "
                   f"| {r['ari_mean']:.2f} / {r['ari_min']:.2f} | {r['partner_jaccard_mean']:.2f} |")
+        print(f"\nNearest other map: median distance {sizes['median_distance_nearest']:.3f} "
+              f"(any pair {sizes['median_distance_any_pair']:.3f}).")
+        if sizes["maps_with_mass"]:
+            print(f"Within 1.5× of the map's mass for {sizes['nearest_within_1.5x_mass']:.2f} of "
+                  f"{sizes['maps_with_mass']} maps with a mass (median fold {sizes['median_mass_fold_nearest']:.2f}; "
+                  f"any pair {sizes['median_mass_fold_any_pair']:.2f}).")
         for r in rows:
             print(f"\nHubs on the {r['space']} (seed {args.seeds[0]}; anchor first):")
             for k, names in enumerate(r["hubs"]):
                 print(f"- {k}: {', '.join(names)}")
         if args.json:
-            args.json.write_text(json.dumps({"environment": env, "index": rows}, indent=2))
+            args.json.write_text(json.dumps({"environment": env, "index": rows, "neighbour_sizes": sizes}, indent=2))
         return
     # The first UMAP in a process pays for importing umap and numba's compilation; time that
     # once, on a small input, so the per-fit medians below are steady-state.

@@ -83,13 +83,24 @@ def methods(loaded, head_path=None, ablations: bool = False) -> dict:
     return found
 
 
-def hit_rates(queries_ND, gallery_MD, query_labels, gallery_labels, excluded_QM) -> tuple[float, float]:
-    """(top-1, top-5) share of queries whose nearest non-excluded gallery items share a label."""
+def ranked(queries_ND, gallery_MD, excluded_QM, k: int = 5) -> np.ndarray:
+    """(Q, k) gallery rows nearest to each query, leaving out the excluded ones."""
     distances = ((queries_ND[:, None, :] - gallery_MD[None]) ** 2).sum(-1)
     distances[excluded_QM] = np.inf
-    order = np.argsort(distances, axis=1)[:, :5]
-    hits = gallery_labels[order] == query_labels[:, None]
+    return np.argsort(distances, axis=1)[:, :k]
+
+
+def hit_rates(queries_ND, gallery_MD, query_labels, gallery_labels, excluded_QM) -> tuple[float, float]:
+    """(top-1, top-5) share of queries whose nearest non-excluded gallery items share a label."""
+    hits = gallery_labels[ranked(queries_ND, gallery_MD, excluded_QM)] == query_labels[:, None]
     return float(hits[:, 0].mean()), float(hits.any(1).mean())
+
+
+def misses(queries_ND, gallery_MD, labels, excluded_QM) -> dict[str, int]:
+    """How often each "query label → label of its wrong nearest map" confusion occurs."""
+    nearest = labels[ranked(queries_ND, gallery_MD, excluded_QM, k=1)[:, 0]]
+    wrong = [f"{a} → {b}" for a, b in zip(labels, nearest) if a != b]
+    return {pair: wrong.count(pair) for pair in sorted(set(wrong))}
 
 
 # Latent features have arbitrary units per channel: each is scaled by its spread over the clean
@@ -133,6 +144,8 @@ def run(args) -> dict:
         row = {"method": name, "dim": clean.shape[1], "ms_per_map": 1000 * seconds}
         row["clean_top1"], row["clean_top5"] = hit_rates(clean, clean, entry, entry, itself)
         row["hard_top1"], row["hard_top5"] = hit_rates(degraded, clean, entry, entry, itself)
+        row["clean_misses"] = misses(clean, clean, entry, itself)
+        row["hard_misses"] = misses(degraded, clean, entry, itself)
         if multi.any():
             row["structure_top1"], row["structure_top5"] = hit_rates(
                 clean[multi], clean, group[multi], group, same_entry[multi])
@@ -182,6 +195,11 @@ def main(argv=None) -> int:
     print(json.dumps(env, indent=1))
     print(f"\n{result['maps']} maps of {result['entries']} entries; {result['structure_queries']} same-structure queries\n")
     print(table(result))
+    for r in result["rows"]:
+        if r["method"] == "SWAN embedding":
+            for form in ("clean", "hard"):
+                found = ", ".join(f"{pair} ({count}×)" for pair, count in r[f"{form}_misses"].items()) or "none"
+                print(f"\nSWAN embedding, {form} top-1 misses: {found}")
     if args.json:
         Path(args.json).write_text(json.dumps({**env, **result}, indent=1))
     return 0

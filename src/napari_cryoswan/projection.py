@@ -315,13 +315,13 @@ def cluster_labels(points, *, min_size: int = 5, min_samples: int | None = HUB_M
     points = _as_vectors(points, "points")
     min_size = _positive_int(min_size, "min_size", minimum=2)
     min_samples = min_size if min_samples is None else _positive_int(min_samples, "min_samples")
+    if selection not in HUB_SELECTIONS:
+        raise ValueError(f"selection must be one of {HUB_SELECTIONS}; got {selection!r}")
     if len(points) < min_size:
         return np.full(len(points), -1, dtype=np.intp)  # too few maps for any hub
 
     from sklearn.cluster import HDBSCAN
 
-    if selection not in HUB_SELECTIONS:
-        raise ValueError(f"selection must be one of {HUB_SELECTIONS}; got {selection!r}")
     clusterer = HDBSCAN(min_cluster_size=min_size, min_samples=min(min_samples, len(points) - 1) or 1,
                         metric="euclidean", cluster_selection_method=selection, copy=True)
     return clusterer.fit_predict(points.astype(np.float64, copy=False)).astype(np.intp)
