@@ -180,6 +180,20 @@ def test_a_head_of_an_earlier_embedding_recipe_is_refused(tmp_path):
         load_head(tmp_path / "old.embedding.pt")
 
 
+def test_train_embedding_reads_several_corpora_as_one(tiny_corpus, small_checkpoints, tmp_path):
+    import shutil
+
+    from training.corpus import Corpus, CorpusSet
+
+    other = shutil.copytree(tiny_corpus, tmp_path / "other")
+    out = tmp_path / "both.embedding.pt"
+    assert train_embedding.main(["--checkpoint", str(small_checkpoints["swan"]), "--corpus", str(tiny_corpus),
+                                 str(other), "--out", str(out), "--steps", "2", "--device", "cpu"]) == 0
+    provenance = load_head(out).provenance
+    assert provenance["corpus_id"] == CorpusSet([tiny_corpus, other]).corpus_id
+    assert provenance["maps"] == 2 * len(Corpus(tiny_corpus).split_indices("train"))
+
+
 def test_train_embedding_writes_a_head_that_the_embedder_uses(tiny_corpus, small_checkpoints, tmp_path, capsys):
     import shutil
 

@@ -149,6 +149,7 @@ def test_several_corpora_of_one_geometry_train_as_one(tiny_corpus, tmp_path):
     one = Corpus(tiny_corpus)
     assert len(both) == 2 * len(one) and both.corpus_id not in (one.corpus_id, Corpus(shapes).corpus_id)
     np.testing.assert_array_equal(both.load(len(one)), one.load(0))
+    assert both.samples[len(one)] == Corpus(shapes).samples[0] and len(both.samples) == len(both)
     # a short validation pass sees both corpora
     val = both.interleaved_indices("val", 2)
     assert len(val) == 2 and val[0] < len(one) <= val[1]

@@ -177,6 +177,7 @@ class CorpusSet:
                     "them with the same --box and --voxel-size.")
         self.box, self.voxel_size = first.box, first.voxel_size
         self._starts = np.cumsum([0] + [len(c) for c in self.corpora])
+        self.samples: list[dict] = [sample for c in self.corpora for sample in c.samples]
 
     @property
     def corpus_id(self) -> str:

@@ -1,7 +1,7 @@
 """Train the invariance head of a checkpoint's map embedding (``napari_cryoswan.embedding``).
 
-    python -m training.train_embedding --checkpoint bundled:swan --corpus corpus_default \\
-        --out swan.embedding.pt
+    python -m training.train_embedding --checkpoint bundled:swan \\
+        --corpus corpus_default corpus_assemblies --out swan.embedding.pt
 
 Every map of the training split is seen as it is and as ``--degraded`` degraded copies
 (``embedding.degraded_copy``: another rotation, a blur, noise, another contour); the frozen
@@ -10,7 +10,9 @@ contrastive loss (Khosla et al. 2020), to bring the views of one shape together:
 five rotations of an entry and their degraded copies are one class, every other entry another.
 The head records the checkpoint id of its encoder; ``Embedder.for_checkpoint`` finds it when it
 is saved beside the checkpoint (``swan.pt`` → ``swan.embedding.pt``). The split must be one the
-autoencoder was trained on, so that the maps retrieval is measured on stay unseen.
+autoencoder was trained on, so that the maps retrieval is measured on stay unseen. Several corpora
+are read as one: a head that has seen large assemblies as well as single proteins finds both
+(docs/EXPLORER.md).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: s
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m training.train_embedding", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="the autoencoder (a file or bundled:NAME)")
-    p.add_argument("--corpus", required=True, help="the corpus the autoencoder was trained on")
+    p.add_argument("--corpus", required=True, nargs="+",
+                   help="one corpus or several, split as the autoencoder's training corpus (by structure)")
     p.add_argument("--split", default="train", choices=("train", "val", "test"))
     p.add_argument("--degraded", type=int, default=1, help="degraded copies per map (default 1)")
     p.add_argument("--steps", type=int, default=600)
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
     from napari_cryoswan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from napari_cryoswan.embedding import Embedder, save_head
     from napari_cryoswan.engine import choose_device
-    from training.corpus import Corpus, CorpusError
+    from training.corpus import CorpusError, CorpusSet
 
     args = parse_args(argv)
     if Path(args.out).exists() and not args.overwrite:
@@ -101,7 +104,7 @@ def main(argv=None) -> int:
         return 2
     try:
         loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
-        corpus = Corpus(args.corpus)
+        corpus = CorpusSet(args.corpus)
     except (CheckpointError, CorpusError) as err:
         print(err, file=sys.stderr)
         return 2
