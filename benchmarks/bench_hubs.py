@@ -227,10 +227,12 @@ def bench_size(n: int, separation: float, args) -> dict:
     return result
 
 
-def neighbour_sizes(index) -> dict:
+def neighbour_sizes(index, max_pairs_of: int = 2000, seed: int = 0) -> dict:
     """How well an index's nearest neighbours keep a map's size: for each map with a mass, the
     |log2| mass ratio to its nearest other map, against that of every pair; and the median
-    distance to the nearest other map against that between any two (how evenly maps spread)."""
+    distance to the nearest other map against that between any two (how evenly maps spread).
+    "Any pair" figures come from at most ``max_pairs_of`` maps drawn at random, so a large
+    index does not need all its pairs in memory."""
     masses = np.array([row.get("mass_kda") or np.nan for row in index.rows], float)
     nearest_rows, nearest_distances = [], []
     for row in range(len(index)):
@@ -239,10 +241,12 @@ def neighbour_sizes(index) -> dict:
         nearest_distances.append(neighbour.distance)
     known = np.isfinite(masses) & np.isfinite(masses[nearest_rows])
     ratio = np.abs(np.log2(masses[nearest_rows] / masses))[known]
-    pairs = np.abs(np.log2(masses[:, None] / masses[None]))[np.triu_indices(len(masses), 1)]
+    drawn = np.random.default_rng(seed).permutation(len(index))[:max_pairs_of]
+    upper = np.triu_indices(len(drawn), 1)
+    pairs = np.abs(np.log2(masses[drawn][:, None] / masses[drawn][None]))[upper]
     pairs = pairs[np.isfinite(pairs)]
-    vectors = index.embeddings.astype(np.float64)
-    all_distances = np.sqrt(((vectors[:, None] - vectors[None]) ** 2).sum(-1))[np.triu_indices(len(vectors), 1)]
+    vectors = index.embeddings[drawn].astype(np.float64)
+    all_distances = np.sqrt(((vectors[:, None] - vectors[None]) ** 2).sum(-1))[upper]
     return {"maps_with_mass": int(known.sum()),
             "nearest_within_1.5x_mass": float((ratio < np.log2(1.5)).mean()) if known.any() else None,
             "median_mass_fold_nearest": float(2 ** np.median(ratio)) if known.any() else None,
@@ -251,12 +255,9 @@ def neighbour_sizes(index) -> dict:
             "median_distance_any_pair": float(np.median(all_distances))}
 
 
-def bench_index(args) -> list[dict]:
+def bench_index(index, args) -> list[dict]:
     """Hub stability across UMAP seeds on an index's embeddings, hubs found on the projection
     and on the embedding, with each hub's anchor and first members by name (seed 0)."""
-    from napari_cryoswan.index import open_index
-
-    index = open_index(args.index)
     rows = []
     for space in ("projection", "embedding"):
         stability = hub_stability(index.embeddings, seeds=tuple(args.seeds), min_size=args.min_size,
@@ -273,10 +274,10 @@ def main() -> None:
     args = parse_args()
     env = environment()
     if args.index is not None:
-        rows = bench_index(args)
         from napari_cryoswan.index import open_index
 
-        sizes = neighbour_sizes(open_index(args.index))
+        index = open_index(args.index)
+        rows, sizes = bench_index(index, args), neighbour_sizes(index)
         print(f"# bench_hubs on {args.index}\n")
         for key, value in env.items():
             print(f"- {key}: {value}")

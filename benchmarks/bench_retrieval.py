@@ -41,6 +41,7 @@ rates and the time per map of each method.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -99,7 +100,7 @@ def experiment_copies(corpus, indices, rng, built_in=None) -> np.ndarray:
         atoms = atoms.subset(np.isin(atoms.chain, sample["chains"]))
         centre = np.average(atoms.xyz, axis=0, weights=atoms.atomic_number)
         turned = (atoms.xyz - centre) @ random_rotations(1, rng)[0].T + centre
-        atoms = type(atoms)(turned, atoms.atomic_number, atoms.chain, atoms.name)
+        atoms = dataclasses.replace(atoms, xyz=turned)
         density = simulate_density(atoms, rng.uniform(*EXPERIMENT_VOXEL_SIZES), rng.uniform(*EXPERIMENT_RESOLUTIONS))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a large entry's cropped edge, as in the corpus
@@ -165,8 +166,9 @@ STANDARDISED = ("pooled latent", "SWAN shells", "SWAN shells, no pose", "SWAN sh
 
 
 def standardised(clean_ND, *others):
+    """Every array scaled by the clean maps' per-feature mean and spread (None stays None)."""
     mean, std = clean_ND.mean(0), clean_ND.std(0) + 1e-8
-    return [(a - mean) / std for a in (clean_ND, *others)]
+    return [None if a is None else (a - mean) / std for a in (clean_ND, *others)]
 
 
 def run(args) -> dict:
@@ -195,18 +197,15 @@ def run(args) -> dict:
         clean = np.asarray(embed(boxes), np.float64)
         seconds = (time.perf_counter() - start) / n
         degraded = np.asarray(embed(hard), np.float64)
-        clean_raw = clean
+        other = None if experiment is None else np.asarray(embed(experiment), np.float64)
         if name in STANDARDISED:
-            clean, degraded = standardised(clean, degraded)
+            clean, degraded, other = standardised(clean, degraded, other)
         row = {"method": name, "dim": clean.shape[1], "ms_per_map": 1000 * seconds}
         row["clean_top1"], row["clean_top5"] = hit_rates(clean, clean, entry, entry, itself)
         row["hard_top1"], row["hard_top5"] = hit_rates(degraded, clean, entry, entry, itself)
         row["clean_misses"] = misses(clean, clean, entry, itself)
         row["hard_misses"] = misses(degraded, clean, entry, itself)
-        if experiment is not None:
-            other = np.asarray(embed(experiment), np.float64)
-            if name in STANDARDISED:
-                other = standardised(clean_raw, other)[1]
+        if other is not None:
             nothing = np.zeros_like(itself)
             row["experiment_top1"], row["experiment_top5"] = hit_rates(other, clean, entry, entry, nothing)
             row["experiment_misses"] = misses(other, clean, entry, nothing)

@@ -107,7 +107,7 @@ def hub_parameters(n: int) -> dict:
     seed, where hubs found on the picture reshuffle between seeds (docs/EXPLORER.md). A hub
     holds 3 maps or more (2 under a dozen maps; 5 from a thousand up, so a large index is not cut
     into crumbs). HDBSCAN keeps its finest dense groups ("leaf"): on the bundled index its
-    default ("eom") puts 137 of 179 maps in one hub."""
+    default ("eom") puts 71 of 179 maps in one hub."""
     min_size = 5 if n >= 1000 else 3 if n >= 12 else 2
     return {"min_size": min_size, "min_samples": min_size, "cluster_on": "embedding", "max_mads": 3.0,
             "selection": "leaf"}
