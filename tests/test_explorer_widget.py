@@ -106,7 +106,7 @@ def test_a_click_on_a_point_opens_the_map_and_its_neighbours_side_by_side(qtbot,
     assert viewer.layers.selection.active is layers[0]
     # each box is named above it, in the theme's text colour
     labels = viewer.layers["explorer labels 1"]
-    assert list(labels.features["label"])[:2] == ["#0 alpha", "#1 alpha_copy 0.00"]
+    assert list(labels.features["label"])[:2] == ["#0 alpha", "#1 alpha_copy\nd = 0.00"]
     np.testing.assert_allclose(labels.data[:, 2], [layer.translate[2] + 32 * 4.0 for layer in layers], atol=2.5)
     viewer.theme = "light"
     assert np.all(np.asarray(labels.text.color.constant)[:3] < 0.3)  # the light theme writes dark text

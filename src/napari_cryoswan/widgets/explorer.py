@@ -463,9 +463,10 @@ class ExplorerWidget(QWidget):
         return added
 
     def _label_boxes(self, layers: list, pitch: float, query=None) -> None:
-        """One Points layer that names each box above it (rank, name, distance), and the query
-        map when there is one, so a row of boxes reads without the layer list; it belongs to the
-        set and goes with it."""
+        """One Points layer that names each box above it (rank and name, then the distance on a
+        second line, so that neighbouring labels do not run into each other), and the query map
+        when there is one, so a row of boxes reads without the layer list; it belongs to the set
+        and goes with it."""
         from napari.utils.theme import get_theme
 
         labels = []
@@ -473,7 +474,7 @@ class ExplorerWidget(QWidget):
             found = layer.metadata["explorer"]
             distance = found["distance"]
             labels.append(f"#{found['rank']} {_short(layer.metadata['index_entry'].get('name'), 16)}"
-                          + ("" if distance is None or found["rank"] == 0 else f" {distance:.2f}"))
+                          + ("" if distance is None or found["rank"] == 0 else f"\nd = {distance:.2f}"))
         set_id = layers[0].metadata["explorer"]["set"]
         if query is not None and query in self.viewer.layers and query.ndim == 3:
             layers = [*layers, query]
