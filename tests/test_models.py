@@ -160,6 +160,24 @@ def test_the_reconstruction_after_each_perception_scale_ends_at_the_full_one():
     assert list(small("swan").reconstructions_by_scale(x)) == [f"RQ1 {s}³" for s in RQ1_SCALES]
 
 
+def test_each_scales_code_map_covers_the_block_of_the_box_it_pooled():
+    torch.manual_seed(0)
+    model = build_model("swan", preset="small", decoder_input="residual")
+    x = volumes(2)
+    model(x)
+    maps, codes = model.code_maps_by_scale(x), model.encode(x).codes
+    assert list(maps) == list(model.reconstructions_by_scale(x))  # one map per step
+    for level, scales in (("rq2", RQ2_SCALES), ("rq1", RQ1_SCALES)):
+        for scale, idx_Bsss in zip(scales, codes[level]):
+            code_map = maps[f"{level.upper()} {scale}³"][:, 0]
+            assert code_map.shape == (2, 64, 64, 64) and code_map.dtype == torch.int64
+            # voxel i of the box lies in cell floor(i·s/64) of the s³ code grid
+            cell = torch.arange(64) * scale // 64
+            torch.testing.assert_close(code_map, idx_Bsss[:, cell][:, :, cell][:, :, :, cell])
+    assert maps["RQ2 1³"][0].unique().numel() == 1  # the coarsest scale: one code for the whole box
+    assert maps["RQ1 16³"][0].unique().numel() > 1
+
+
 def test_full_presets_carry_the_paper_hyperparameters():
     config = model_config("swan", "full")
     assert config["scales"] == (RQ1_SCALES, RQ2_SCALES) == ((1, 4, 6, 8, 10, 12, 14, 16), (1, 2, 4, 8))

@@ -172,7 +172,7 @@ def test_without_an_rq1_checkpoint_rq1_is_stated_not_run(qtbot, viewer_with_widg
     assert "RQ1 alone: not run" in widget.status.value
 
 
-def test_the_reconstruction_after_each_perception_scale_is_one_4d_layer(qtbot, viewer_with_widget,
+def test_the_reconstruction_after_each_perception_scale_and_its_code_map_are_4d_layers(qtbot, viewer_with_widget,
                                                                       make_blob_map):
     viewer, widget = viewer_with_widget
     source = add_map(viewer, make_blob_map(), "blobs")
@@ -192,9 +192,16 @@ def test_the_reconstruction_after_each_perception_scale_is_one_4d_layer(qtbot, v
     assert "after RQ1 16³" in overlay.text and overlay.visible
     viewer.dims.set_current_step(0, 0)
     assert f"after {labels[0]} (step 1 of {len(labels)})" in overlay.text
-    # other widgets take 3-D maps only: the 4-D layer is not offered as an input
+    # each step's code map: a hidden labels layer on the same slider, the cursor reads the code
+    codes = viewer.layers["blobs codes by scale"]
+    assert codes.data.shape == steps.data.shape and not codes.visible
+    np.testing.assert_allclose(codes.translate, steps.translate)
+    assert len(np.unique(codes.data[0])) == 1 and len(np.unique(codes.data[-1])) > 1  # 1³: one code
+    label = int(codes.data[-1, 32, 32, 32])
+    assert codes.features["code"][list(codes.features["index"]).index(label)] == label - 1
+    # other widgets take 3-D maps only: the 4-D layers are not offered as inputs
     widget.reset_choices()
-    assert steps not in widget.layer.choices
+    assert steps not in widget.layer.choices and codes not in widget.layer.choices
 
 
 def test_a_two_level_model_in_the_rq1_slot_is_refused(qtbot, viewer_with_widget, make_blob_map,

@@ -104,6 +104,21 @@ def reconstruct(
     }
 
 
+def code_maps(
+    model,
+    volumes: np.ndarray,
+    device=None,
+    batch_size: int = 4,
+    should_stop: StopCheck | None = None,
+) -> dict[str, np.ndarray]:
+    """Each perception scale's code indices over the grid of (N, D, H, W) volumes
+    (``CryoSwan.code_maps_by_scale``): step name → (N, D, H, W) int32."""
+    device = device or choose_device()
+    model = model.to(device).eval()
+    parts = map_batches(model.code_maps_by_scale, volumes, device, batch_size, None, should_stop)
+    return {name: np.concatenate([p[name][:, 0].numpy().astype(np.int32) for p in parts]) for name in parts[0]}
+
+
 def _to_cpu(value):
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}

@@ -131,7 +131,7 @@ def reconstruction_layer_data(source_name: str, source_id: str, result, contour:
         out.append(density_layer_data(density, f"{stem} {variant.variant}", metadata,
                                       **_contour_kwargs(contour)))
     if result.by_scale is not None:
-        out.append(_scale_steps_layer_data(stem, result, common, contour))
+        out += _scale_steps_layer_data(stem, result, common, contour)
     if result.variants:
         full = result.variants[0]
         difference = result.difference(full)
@@ -215,19 +215,27 @@ def _provenance(source_name: str, source_id: str, result) -> dict:
             "voxel_size": tuple(record.source_voxel_size), "origin": tuple(record.source_origin)}
 
 
-def _scale_steps_layer_data(stem: str, result, common: dict, contour: float | None) -> tuple:
-    """One 4-D layer, (step, z, y, x): the slider's first axis walks through the perception
-    scales, coarse to fine, and ``scale_steps`` names each step."""
+def _scale_steps_layer_data(stem: str, result, common: dict, contour: float | None) -> list[tuple]:
+    """Two 4-D layers, (step, z, y, x), whose first axis walks through the perception scales,
+    coarse to fine (``scale_steps`` names each step): the reconstruction after each step, and
+    the code map of each step's own scale (hidden at first: its blocks would hide the map).
+
+    The code map is a Labels layer of code index + 1, since napari keeps label 0 for the
+    background; its ``code`` feature gives the index itself under the cursor."""
     steps = result.by_scale
     scale, translate = result.placement
     metadata = {**common, "variant": f"{result.variants[0].variant} by scale", "model": steps.model,
                 "checkpoint": steps.checkpoint, "checkpoint_id": steps.checkpoint_id,
                 "scale_steps": list(steps.labels)}
-    kwargs = {"name": f"{stem} by scale", "scale": (1.0, *scale), "translate": (0.0, *translate),
-              "units": ("pixel", "angstrom", "angstrom", "angstrom"), "metadata": metadata,
-              "colormap": "gray", "rendering": "iso",
-              "iso_threshold": default_contour(steps.boxes[-1]) if contour is None else float(contour)}
-    return (steps.boxes, kwargs, "image")
+    placed = {"scale": (1.0, *scale), "translate": (0.0, *translate),
+              "units": ("pixel", "angstrom", "angstrom", "angstrom")}
+    image = {"name": f"{stem} by scale", **placed, "metadata": metadata, "colormap": "gray", "rendering": "iso",
+             "iso_threshold": default_contour(steps.boxes[-1]) if contour is None else float(contour)}
+    codes = int(steps.codes.max()) + 1
+    labels = {"name": f"{stem} codes by scale", **placed, "visible": False, "opacity": 0.5,
+              "metadata": {**metadata, "variant": f"{result.variants[0].variant} codes by scale"},
+              "features": {"index": np.arange(codes + 1), "code": np.arange(-1, codes)}}
+    return [(steps.boxes, image, "image"), (steps.codes + 1, labels, "labels")]
 
 
 def scale_step_label(layer, world_step: float) -> str | None:

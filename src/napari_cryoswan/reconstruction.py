@@ -59,6 +59,7 @@ class ScaleSteps:
     checkpoint: str
     checkpoint_id: str
     boxes: np.ndarray  # (steps, box, box, box), in the density units of the input map
+    codes: np.ndarray  # (steps, box, box, box) int32: the code index of each step's own scale
 
 
 @dataclass
@@ -200,7 +201,7 @@ def reconstruct_map(
         by_scale: also decode the first checkpoint after each perception scale
             (``result.by_scale``; Cryo-SWAN only).
     """
-    from .engine import reconstruct
+    from .engine import code_maps, reconstruct
 
     total = len(checkpoints) + 2 + by_scale
     report = stage or (lambda done, total, message: None)
@@ -235,9 +236,11 @@ def reconstruct_map(
         main = checkpoints[0]
         steps = reconstruct(main.model, prepared.data[None], device, batch_size=1,
                             should_stop=should_stop, by_scale=True)
+        codes = code_maps(main.model, prepared.data[None], device, batch_size=1, should_stop=should_stop)
         result.by_scale = ScaleSteps(
             list(steps), main.model.name, str(main.path), main.checkpoint_id,
-            np.stack([denormalise(volumes[0], prepared.record) for volumes in steps.values()]))
+            np.stack([denormalise(volumes[0], prepared.record) for volumes in steps.values()]),
+            np.stack([codes[step][0] for step in steps]))
     check()
     report(total, total, "done")
     return result

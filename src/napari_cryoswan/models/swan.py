@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .base import Autoencoder, Codes, Encoding, ModelOutput, evaluating
 from .blocks import Decoder3d, Encoder3d, VoxelPositionalEncoding, fusion_block, mse
@@ -219,15 +220,33 @@ class CryoSwan(Autoencoder):
         with evaluating(self), torch.inference_mode():
             codes = self.encode(x).codes
             steps = {}
-            for k in reversed(range(self.config.levels)):
-                if k > 0 and self.config.decoder_input == "rq1":
-                    continue
-                name = self.level_name(k + 1)
-                for n, scale in enumerate(self.config.scales[k], start=1):
-                    partial = {other: (level if other_k > k else level[:n] if other_k == k else [])
-                               for other_k, (other, level) in enumerate(codes.items())}
-                    steps[f"RQ{k + 1} {scale}³"] = self.decode_codes(partial)
+            for k, n, step in self._decoded_scales():
+                partial = {other: (level if other_k > k else level[:n + 1] if other_k == k else [])
+                           for other_k, (other, level) in enumerate(codes.items())}
+                steps[step] = self.decode_codes(partial)
             return steps
+
+    def code_maps_by_scale(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each perception scale's code indices over the input grid (the code maps of the paper's
+        Fig. 4b–c), under the step names of ``reconstructions_by_scale``: the code of scale s
+        covers the block of the box that scale pooled, (D/s)³ voxels.
+
+        Shape: x (B, 1, D, H, W) → each (B, 1, D, H, W), int64
+        """
+        with evaluating(self), torch.inference_mode():
+            codes = self.encode(x).codes
+            return {step: F.interpolate(codes[self.level_name(k + 1)][n][:, None].float(), size=x.shape[-3:],
+                                        mode="nearest").long()
+                    for k, n, step in self._decoded_scales()}
+
+    def _decoded_scales(self):
+        """(level index, position of the scale in its level, step name) of each scale whose codes
+        reach the decoder, coarse to fine: the literal Algorithm 1's RQ2 has none."""
+        for k in reversed(range(self.config.levels)):
+            if k > 0 and self.config.decoder_input == "rq1":
+                continue
+            for n, scale in enumerate(self.config.scales[k]):
+                yield k, n, f"RQ{k + 1} {scale}³"
 
     def codebooks(self) -> dict[str, nn.Module]:
         return {self.level_name(k + 1): q.codebook for k, q in enumerate(self.quantizers)}

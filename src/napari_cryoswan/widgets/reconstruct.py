@@ -32,10 +32,12 @@ class ReconstructWidget(ModelJobWidget):
                     "edge) before the model sees it: for maps with other particles or noise in "
                     "the box.")
         self.by_scale = CheckBox(
-            text="also after each perception scale (4-D layer)",
+            text="also each perception scale and its code map (4-D)",
             tooltip="Decode the codes scale by scale, coarse to fine, as the paper's Fig. 4b–c: "
                     "one layer whose first slider walks from the coarsest scale to the full "
-                    "reconstruction. The step shown is named at the top of the canvas.")
+                    "reconstruction, and a hidden labels layer of each scale's code map (a "
+                    "colour per code; the cursor reads its index). The step shown is named at "
+                    "the top of the canvas.")
         super().__init__(viewer, checkpoint=bundled_checkpoint("swan"),
                          extra=(self.compare_rq1, self.rq1_checkpoint, self.mask, self.by_scale))
         self.lifetime.connect_event(viewer.dims.events.current_step, self._name_scale_step)
