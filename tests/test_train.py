@@ -82,6 +82,28 @@ def test_resume_after_a_kill_reaches_the_uninterrupted_state(tiny_corpus, tmp_pa
     assert json.loads((tmp_path / "killed" / "config.json").read_text())["resumed_at_steps"] == [3]
 
 
+def test_a_time_budget_ends_the_run_at_a_step_and_a_resume_with_more_time_goes_on(
+        tiny_corpus, tmp_path, monkeypatch):
+    seconds = iter(range(10_000))
+    monkeypatch.setattr(train_module, "step_clock", lambda device: lambda: float(next(seconds)))  # 1 s a step
+    run = tmp_path / "run"
+    final = train(settings(tiny_corpus, run, steps=20, val_every=10, checkpoint_every=10, time_budget=2.5),
+                  progress=False)
+    # steps 1-3 cost 3 s, past the 2.5 s budget: the run ends at step 3, validated and saved there
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "train_log.csv"))] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in open(run / "validation.jsonl")] == [3]
+    assert load_checkpoint(run / "last.pt").training["train_seconds"] == 3.0
+    assert load_checkpoint(final).provenance["step"] == 3 and load_checkpoint(final).provenance["train_seconds"] == 3.0
+    # a resume counts the time already spent: 2 more seconds reach a 4.5 s budget
+    train(settings(tiny_corpus, run, steps=20, val_every=10, checkpoint_every=10, time_budget=4.5, resume=True),
+          progress=False)
+    assert [int(r["step"]) for r in csv.DictReader(open(run / "train_log.csv"))] == [1, 2, 3, 4, 5]
+    assert load_checkpoint(final).provenance["step"] == 5
+    assert json.loads((run / "config.json").read_text())["time_budget"] == 4.5
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "swan", "--corpus", str(tiny_corpus), "--out", "x", "--time-budget", "0"])
+
+
 def test_a_fixed_seed_reproduces_a_run_and_another_seed_does_not(tiny_corpus, tmp_path):
     a = train(settings(tiny_corpus, tmp_path / "a", steps=3), progress=False)
     b = train(settings(tiny_corpus, tmp_path / "b", steps=3), progress=False)

@@ -13,6 +13,10 @@ sees does not depend on whether the run was interrupted. ``--resume`` restores t
 optimiser, every model buffer (codebook ages included) and the torch RNG from ``last.pt``, written
 every ``--checkpoint-every`` steps, and reaches the state an uninterrupted run reaches.
 
+``--time-budget SECONDS`` compares models at equal compute rather than equal steps: the run ends
+after the step at which its training steps have used that much time (``step_clock``), with a
+last validation and checkpoint there; the time spent is kept in ``last.pt`` for a resume.
+
 Run folder:
     config.json        the settings of the run
     train_log.csv      step, loss terms, volumes/s
@@ -79,6 +83,7 @@ class TrainSettings:
     init: str | None = None
     input_snr: tuple[float, float] | None = None
     train_only: str | None = None
+    time_budget: float | None = None  # seconds of training steps (see step_clock), summed over resumes
 
 
 def parse_args(argv=None) -> TrainSettings:
@@ -118,6 +123,11 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--no-amp", dest="amp", action="store_false",
                    help="no bf16 autocast on CUDA (it is never used on the CPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="stop after the step at which the training steps have used this much time (CPU "
+                        "time of this process on the CPU, wall time on a GPU; summed over resumes; "
+                        "validation and checkpoints not counted), with a last validation and checkpoint "
+                        "there; --steps stays the upper bound. For comparisons at equal compute")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="replace one field of the preset's model config, e.g. --set level_dropout=0.25 "
                         "(VALUE is read as JSON, else as text; repeatable)")
@@ -138,6 +148,8 @@ def parse_args(argv=None) -> TrainSettings:
         p.error("--input-snr LO HI needs 0 < LO <= HI")
     if args.init and args.overrides:
         p.error("--set changes a new model's configuration; --init takes the checkpoint's")
+    if args.time_budget is not None and not args.time_budget > 0:
+        p.error("--time-budget needs a positive number of seconds")
     args.input_snr = tuple(args.input_snr) if args.input_snr else None
     return TrainSettings(**vars(args))
 
@@ -174,6 +186,9 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     )
 
     rank, world = _distributed_setup()
+    if settings.time_budget is not None and world > 1:
+        raise RunFolderError("--time-budget runs in one process: each rank's clock would stop it at "
+                             "another step. Give torchrun's runs a number of --steps instead.")
     out = Path(settings.out)
     run_lock = None
     if rank == 0:  # the one writer of the run folder; other ranks only read last.pt
@@ -206,14 +221,14 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     if frozen:
         _freeze_all_but_encoder(model)
     optimizer = default_optimizer(model, settings.lr, settings.weight_decay, decay_all=settings.decay_all)
-    start_step, best_val = 0, math.inf
+    start_step, best_val, spent = 0, math.inf, 0.0
     if settings.resume:
         last = load_checkpoint(out / "last.pt")
         if last.model.config_dict() != model.config_dict():
             raise RunFolderError("last.pt holds a model of another configuration: resume with the "
                                  f"--model, --preset and --set it began with (see {out / 'config.json'}).")
         model.load_state_dict(last.model.state_dict())
-        start_step, best_val = _restore(model, optimizer, last.training, device)
+        start_step, best_val, spent = _restore(model, optimizer, last.training, device)
         if rank == 0:
             _truncate_logs(out, start_step)
             _record_resume(out, settings, start_step)
@@ -231,10 +246,13 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     save = functools.partial(save_checkpoint, overwrite=True, contract=InputContract(
         corpus.box, corpus.voxel_size))
     bar = _progress_bar(settings.steps, start_step, progress and rank == 0)
+    clock = step_clock(device)
+    out_of_time = settings.time_budget is not None and spent >= settings.time_budget
+    last_step = settings.steps if not out_of_time else start_step
     step = start_step
     try:
-        for step in range(start_step + 1, settings.steps + 1):
-            tic = time.perf_counter()
+        for step in range(start_step + 1, last_step + 1):
+            tic, tic_budget = time.perf_counter(), clock()
             ids = _batch_ids(train_ids, settings.batch_size, settings.seed, step, rank, world)
             clean = corpus.load_batch(ids)
             inputs = clean if not settings.input_snr else noisy_inputs(
@@ -256,20 +274,27 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
             rate = len(ids) * world / (time.perf_counter() - tic)
             if rank != 0:
                 continue
-            row = _log_row(step, terms, rate)
+            row = _log_row(step, terms, rate)  # reads the losses, so a GPU has finished the step
+            spent += clock() - tic_budget
+            out_of_time = settings.time_budget is not None and spent >= settings.time_budget
             _append_csv(out / "train_log.csv", row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", vol_s=f"{rate:.1f}")
             bar.update(1)
-            if step % settings.val_every == 0 or step == settings.steps:
+            final_step = step == settings.steps or out_of_time
+            if step % settings.val_every == 0 or final_step:
                 record = validate(model, corpus, val_ids, device, settings.batch_size, step,
                                   settings.input_snr, settings.seed)
                 _append_jsonl(out / "validation.jsonl", record)
                 if record["loss"] < best_val:
                     best_val = record["loss"]
                     save(out / "best.pt", model, {**provenance, **record})
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
+            if step % settings.checkpoint_every == 0 or final_step:
                 save(out / "last.pt", model, {**provenance, "step": step},
-                     _training_state(model, optimizer, step, best_val))
+                     _training_state(model, optimizer, step, best_val, spent))
+            if out_of_time:
+                print(f"\nThe time budget ({settings.time_budget:.0f} s) is spent after step {step}.",
+                      file=sys.stderr)
+                break
     except KeyboardInterrupt:
         # A step cut off halfway may have changed codebooks, so the periodic checkpoint,
         # not the state at the interrupt, is what a resumed run continues from.
@@ -282,7 +307,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     final = out / "model.pt"
     if rank == 0:
         last_val = _last_validation(out)
-        save(final, model, {**provenance, "step": settings.steps, **last_val})
+        save(final, model, {**provenance, "step": step, "train_seconds": spent, **last_val})
         run_lock.close()
     _check_ranks_agree(model, world)
     _distributed_teardown(world)
@@ -373,12 +398,20 @@ def _batch_ids(train_ids, batch_size, seed, step, rank, world) -> np.ndarray:
     return chosen[rank::world]
 
 
-def _training_state(model, optimizer, step: int, best_val: float) -> dict:
+def step_clock(device):
+    """What a time budget counts: this process's CPU time on the CPU, so that runs sharing the
+    cores with other work are charged only for their own; wall time on a GPU, where the work is
+    not the process's CPU time."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
+def _training_state(model, optimizer, step: int, best_val: float, seconds: float = 0.0) -> dict:
     import torch
 
     return {
         "step": step,
         "best_val": best_val,
+        "train_seconds": seconds,
         "optimizer": optimizer.state_dict(),
         # every buffer, the non-persistent ones too: codebook ages decide dead-code restarts
         "buffers": {k: v.detach().cpu().clone() for k, v in model.named_buffers()},
@@ -387,7 +420,7 @@ def _training_state(model, optimizer, step: int, best_val: float) -> dict:
     }
 
 
-def _restore(model, optimizer, state: dict, device) -> tuple[int, float]:
+def _restore(model, optimizer, state: dict, device) -> tuple[int, float, float]:
     import torch
 
     if not state:
@@ -403,7 +436,7 @@ def _restore(model, optimizer, state: dict, device) -> tuple[int, float]:
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return int(state["step"]), float(state["best_val"])
+    return int(state["step"]), float(state["best_val"]), float(state.get("train_seconds", 0.0))
 
 
 def _check_run_folder(out: Path, resume: bool) -> None:
@@ -478,10 +511,11 @@ def _truncate_logs(out: Path, step: int) -> None:
 
 
 def _record_resume(out: Path, settings, start_step: int) -> None:
-    """Keep config.json true to the run: a resume may extend --steps, and it says where it began."""
+    """Keep config.json true to the run: a resume may extend --steps or --time-budget, and it says
+    where it began."""
     path = out / "config.json"
     config = json.loads(path.read_text()) if path.exists() else asdict(settings)
-    config["steps"] = settings.steps
+    config["steps"], config["time_budget"] = settings.steps, settings.time_budget
     config.setdefault("resumed_at_steps", []).append(start_step)
     write_json_atomic(path, config)
 
