@@ -515,7 +515,9 @@ def _record_resume(out: Path, settings, start_step: int) -> None:
     where it began."""
     path = out / "config.json"
     config = json.loads(path.read_text()) if path.exists() else asdict(settings)
-    config["steps"], config["time_budget"] = settings.steps, settings.time_budget
+    config["steps"] = settings.steps
+    if hasattr(settings, "time_budget"):  # the diffusion trainer's settings have none
+        config["time_budget"] = settings.time_budget
     config.setdefault("resumed_at_steps", []).append(start_step)
     write_json_atomic(path, config)
 
