@@ -182,11 +182,10 @@ def comparisons(result: dict, rng) -> list[dict]:
     if ours is None:
         return []
     found = []
-    for form, clusters in (("clean", result["entries_of_queries"]), ("hard", result["entries_of_queries"]),
-                           ("experiment", result["entries_of_queries"]),
-                           ("structure", result["entries_of_structure_queries"])):
+    for form in ("clean", "hard", "experiment", "structure"):
         if f"{form}_hits" not in ours:
             continue
+        clusters = result["entries_of_structure_queries" if form == "structure" else "entries_of_queries"]
         anchors = [r for r in result["rows"] if r["method"] in ANCHORS and f"{form}_hits" in r]
         best = max(anchors, key=lambda r: r[f"{form}_top1"])
         difference, low, high = paired_difference(ours[f"{form}_hits"], best[f"{form}_hits"], clusters, rng)

@@ -172,8 +172,8 @@ def test_without_an_rq1_checkpoint_rq1_is_stated_not_run(qtbot, viewer_with_widg
     assert "RQ1 alone: not run" in widget.status.value
 
 
-def test_the_reconstruction_after_each_perception_scale_and_its_code_map_are_4d_layers(qtbot, viewer_with_widget,
-                                                                      make_blob_map):
+def test_the_reconstruction_after_each_perception_scale_and_its_code_map_are_4d_layers(
+        qtbot, viewer_with_widget, make_blob_map):
     viewer, widget = viewer_with_widget
     source = add_map(viewer, make_blob_map(), "blobs")
     widget.layer.value = source
