@@ -147,6 +147,36 @@ def test_fine_dropout_makes_level_2_reconstruct_alone():
         build_model("swan", preset="small", fine_dropout=0.5)
 
 
+def test_the_approximation_loss_asks_level_2_for_the_coarse_map():
+    x = volumes(2)
+    model = seeded_swan(x, decoder_input="residual", approx_weight=0.5)
+    out = model(x)
+    target = torch.nn.functional.interpolate(x, size=16, mode="area")
+    approx = out.levels["rq1"]["approximation"]
+    assert approx.shape == (2, 1, 16, 16, 16)
+    torch.testing.assert_close(out.losses["approx"], ((approx - target) ** 2).mean())
+    torch.testing.assert_close(out.losses["total"],
+                               out.losses["recon"] + out.losses["commit"] + 0.5 * out.losses["approx"])
+    # the loss reaches level 2's decoder: RQ2 must carry the approximation
+    model.zero_grad()
+    out.losses["approx"].backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.decoders[1].parameters())
+    # the in-model "RQ2" is that approximation on the input's grid
+    assert model.variants == ("RQ1+RQ2", "RQ2")
+    variants = model.reconstruction_variants(x)
+    assert variants["RQ2"].shape == x.shape
+    model.eval()
+    with torch.no_grad():
+        coarse = model(x).levels["rq1"]["approximation"]
+    upsampled = torch.nn.functional.interpolate(coarse, size=64, mode="trilinear", align_corners=False)
+    torch.testing.assert_close(variants["RQ2"], upsampled)
+    assert (variants["RQ2"] - variants["RQ1+RQ2"]).abs().max() > 1e-3
+    # a level-1-only model, or the literal design, has no prior to ask
+    with pytest.raises(ValueError, match="approx_weight"):
+        build_model("swan", preset="small", approx_weight=0.5)
+    assert "approx" not in small("swan", decoder_input="residual")(x).losses
+
+
 def test_the_reconstruction_after_each_perception_scale_ends_at_the_full_one():
     torch.manual_seed(0)
     model = build_model("swan", preset="small", decoder_input="residual")

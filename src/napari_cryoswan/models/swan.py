@@ -23,7 +23,10 @@ With ``level_dropout`` q > 0, training replaces r_2 by zeros for a share q of th
 same model also decodes "RQ1" (level 1 alone) beside "RQ1+RQ2". With ``fine_dropout`` q > 0
 (the "residual" and "both" designs), training leaves level 1's codes out of the decoder's input
 for a share q of the maps, so that level 2 must reconstruct those maps alone, and the model also
-decodes "RQ2" (docs/MODELS.md).
+decodes "RQ2" (docs/MODELS.md). With ``approx_weight`` λ > 0 (the "residual" design) level 2
+is asked for the map's approximation instead: a 1³ conv of p must give the input averaged onto
+level 1's 16³ grid, a loss of weight λ, so that p, where RQ1's residual stack starts, holds the
+coarse map and RQ1 the detail; the model then also decodes "RQ2" as that approximation.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ class SwanConfig:
       reconstruction, and the training shares of maps decoded without them, or without level 1's
       codes (module docstring). The defaults are Algorithm 1
       read literally, as configs saved before these fields were trained.
+    - approx_weight: the weight of the loss that asks level 2's prior for the input's
+      approximation on level 1's grid ("residual" only; module docstring); 0 leaves it out.
     """
 
     volume_size: int = 64
@@ -77,6 +82,7 @@ class SwanConfig:
     decoder_input: str = "rq1"
     level_dropout: float = 0.0
     fine_dropout: float = 0.0
+    approx_weight: float = 0.0
 
     def __post_init__(self):
         if self.decoder_input not in DECODER_INPUTS:
@@ -85,6 +91,8 @@ class SwanConfig:
             raise ValueError("level_dropout and fine_dropout are probabilities below 1")
         if self.fine_dropout and self.decoder_input == "rq1":
             raise ValueError("fine_dropout needs a decoder that reads level 2 (decoder_input 'residual' or 'both')")
+        if self.approx_weight < 0 or (self.approx_weight and self.decoder_input != "residual"):
+            raise ValueError("approx_weight is a non-negative weight for decoder_input 'residual'")
         self.scales = tuple(tuple(s) for s in self.scales)
         self.widths = tuple(self.widths)
         if len(self.widths) != len(self.scales) + 1:
@@ -142,6 +150,9 @@ class CryoSwan(Autoencoder):
         # decoder_fusion_k fuses it with level k's codes before decoder_k ("both").
         if config.decoder_input == "residual":
             self.prior_convs = nn.ModuleList(nn.Conv3d(w[k + 1], config.code_dim, 1) for k in range(K - 1))
+        if config.approx_weight:
+            # what level 2's prior says of the input, on level 1's grid (one density channel)
+            self.approx_head = nn.Conv3d(config.code_dim, 1, 1)
         if config.decoder_input == "both":
             self.decoder_fusions = nn.ModuleList(fusion_block(2 * w[k + 1], w[k + 1]) for k in range(K - 1))
 
@@ -158,7 +169,21 @@ class CryoSwan(Autoencoder):
         losses = {"recon": mse(recon, x), "commit": sum(commits.values())}
         losses.update({f"commit/{name}": value for name, value in commits.items()})
         losses["total"] = losses["recon"] + losses["commit"]
+        if "approximation" in levels["rq1"]:
+            target = F.interpolate(x, size=self.config.latent_size(1), mode="area")
+            losses["approx"] = mse(levels["rq1"]["approximation"], target)
+            losses["total"] = losses["total"] + self.config.approx_weight * losses["approx"]
         return ModelOutput(recon, losses, codes, levels)
+
+    def approximation(self, x: torch.Tensor) -> torch.Tensor:
+        """Level 2's approximation of x (``approx_weight``), upsampled to x's grid: the in-model
+        "RQ2" of a model trained for it.
+
+        Shape: x (B, 1, D, H, W) → (B, 1, D, H, W)
+        """
+        with evaluating(self), torch.inference_mode():
+            approx = self._quantize_levels(self._encode_levels(x))[0]["rq1"]["approximation"]
+            return F.interpolate(approx, size=x.shape[-3:], mode="trilinear", align_corners=False)
 
     def encode(self, x: torch.Tensor) -> Encoding:
         levels, codes, _ = self._quantize_levels(self._encode_levels(x))
@@ -200,13 +225,15 @@ class CryoSwan(Autoencoder):
             partial["RQ1"] = {"without_coarse": True}
         if self.config.fine_dropout > 0:
             partial["RQ2"] = {"without_fine": True}
+        elif self.config.approx_weight > 0:
+            partial["RQ2"] = {"approximation": True}
         return partial
 
     def reconstruction_variants(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {self.variants[0]: self.reconstruct(x)}
         with evaluating(self), torch.inference_mode():
             for name, how in self._partial_variants().items():
-                out[name] = self(x, **how).recon
+                out[name] = self.approximation(x) if how.get("approximation") else self(x, **how).recon
         return out
 
     def reconstructions_by_scale(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -269,7 +296,10 @@ class CryoSwan(Autoencoder):
         r_BCdhw = None  # r_{k+1}: the decoded output of the level above
         for k in reversed(range(self.config.levels)):
             name = self.level_name(k + 1)
+            approximation = None
             if k == 0 and r_BCdhw is not None:
+                if self.config.approx_weight:  # from level 2's own output, before any dropout
+                    approximation = self.approx_head(self._prior(k, r_BCdhw))
                 r_BCdhw = self._drop_coarse(r_BCdhw, without_coarse)
             zc_BCdhw = encoded[k] if r_BCdhw is None else self.combi_convs[k](torch.cat([r_BCdhw, encoded[k]], 1))
             f_BCdhw = self.quant_convs[k](zc_BCdhw)
@@ -281,6 +311,8 @@ class CryoSwan(Autoencoder):
             f_hat_BCdhw = codes_BCdhw if prior is None else prior + codes_BCdhw
             levels[name] = {"latent": f_BCdhw, "quantized": f_hat_BCdhw,
                             "residual_norms": torch.stack(quantized.residual_norms)}
+            if approximation is not None:
+                levels[name]["approximation"] = approximation
             codes[name], commits[name] = quantized.codes, quantized.loss
             if k > 0 or decode:
                 r_BCdhw = self.decoders[k](self._decoder_input(k, f_hat_BCdhw, r_BCdhw))
