@@ -7,6 +7,9 @@
 - RQ2's quantized latent: mean per-dimension s.d. and effective rank (exp of the entropy of its
   singular-value spectrum);
 - codebook usage per level (codes used, perplexity) over ``--usage-maps`` training maps;
+- per level, the mean residual norm after each scale, and the scales after which it is larger
+  than before them ("residual grows at"; "none" when it shrinks at every scale), on the split's
+  maps;
 - the last validation loss of the run, when a ``validation.jsonl`` lies beside the checkpoint.
 
     python benchmarks/bench_levels.py --corpus corpus_default runs/literal/model.pt runs/residual/model.pt
@@ -59,6 +62,12 @@ def level_statistics(model, volumes, usage_volumes) -> dict:
             share = torch.linalg.svdvals(flat - flat.mean(0)) ** 2
             share = share / share.sum()
             row["rq2_effective_rank"] = float(torch.exp(-(share * share.clamp_min(1e-12).log()).sum()))
+        outputs = batched(model, volumes)
+        for k, level in enumerate(outputs[0].levels):
+            norms = torch.stack([o.levels[level]["residual_norms"] for o in outputs]).mean(0).tolist()
+            grows = [str(s) for s, before, after in zip(model.config.scales[k][1:], norms, norms[1:]) if after > before]
+            row[f"{level}_residual_grows_at"] = ", ".join(grows) or "none"
+            row[f"{level}_residual_norms"] = " ".join(f"{norm:.3f}" for norm in norms)
         variants = batched(model.reconstruction_variants, volumes)
         for name in variants[0]:
             row[f"mse_{name}"] = mse(torch.cat([v[name] for v in variants]), volumes)
