@@ -91,17 +91,19 @@ def main(argv=None) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--usage-maps", type=int, default=200, help="training maps to count usage on")
     p.add_argument("--json", help="write every measurement here")
+    p.add_argument("--device", default="cpu", help="where the models run (default cpu)")
     args = p.parse_args(argv)
 
     corpus = CorpusSet([args.corpus])
-    volumes = torch.from_numpy(corpus.load_batch(corpus.split_indices(args.split))[:, None])
-    usage = torch.from_numpy(corpus.load_batch(corpus.split_indices("train")[:args.usage_maps])[:, None])
-    print(f"# Information in each level\n\n{run_line()}\ncorpus {args.corpus} (id {corpus.corpus_id}), {args.split} split: "
+    volumes = torch.from_numpy(corpus.load_batch(corpus.split_indices(args.split))[:, None]).to(args.device)
+    usage = torch.from_numpy(corpus.load_batch(corpus.split_indices("train")[:args.usage_maps])[:, None]).to(args.device)
+    print(f"# Information in each level\n\n{run_line()}\ndevice {args.device}; corpus {args.corpus} (id {corpus.corpus_id}), {args.split} split: "
           f"{len(volumes)} maps; usage over {len(usage)} training maps\n")
     rows = {}
     for spec in args.checkpoints:
         loaded = load_checkpoint(resolve_checkpoint(spec))
-        row = {"checkpoint_id": loaded.checkpoint_id, **level_statistics(loaded.model, volumes, usage)}
+        row = {"checkpoint_id": loaded.checkpoint_id,
+               **level_statistics(loaded.model.to(args.device), volumes, usage)}
         log = Path(spec).with_name("validation.jsonl")
         if log.is_file():
             last = json.loads(log.read_text().splitlines()[-1])

@@ -177,6 +177,20 @@ def test_the_approximation_loss_asks_level_2_for_the_coarse_map():
     assert "approx" not in small("swan", decoder_input="residual")(x).losses
 
 
+def test_a_noise_aware_fine_tune_asks_the_approximation_of_the_clean_map():
+    clean = volumes(2)
+    noisy = clean + torch.randn_like(clean)
+    model = seeded_swan(clean, decoder_input="residual", approx_weight=0.5)
+    out = model(noisy)
+    terms = model.losses_against(out, clean)
+    approx = out.levels["rq1"]["approximation"]
+    target = torch.nn.functional.interpolate(clean, size=16, mode="area")
+    torch.testing.assert_close(terms["approx"], ((approx - target) ** 2).mean())
+    torch.testing.assert_close(terms["recon"], ((out.recon - clean) ** 2).mean())
+    torch.testing.assert_close(terms["total"], terms["recon"] + terms["commit"] + 0.5 * terms["approx"])
+    assert float(terms["approx"]) < float(out.losses["approx"])  # the noise is not asked for
+
+
 def test_the_reconstruction_after_each_perception_scale_ends_at_the_full_one():
     torch.manual_seed(0)
     model = build_model("swan", preset="small", decoder_input="residual")

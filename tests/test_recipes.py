@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from training.recipes import default_checkpoints as recipe
 
 
@@ -96,12 +98,27 @@ def test_denoising_recipe_trains_shapes_fine_tunes_the_encoder_and_installs_half
         assert load_checkpoint(installed).provenance["stored_as"] == "float16"
 
 
+def test_the_corpus_recipe_checks_the_meshes_only_when_it_builds_them(tmp_path):
+    from training.recipes import default_corpus
+
+    lock = default_corpus.LOCK_FILE.read_text().splitlines()
+    for digest, relative in (line.split(maxsplit=1) for line in lock):
+        if relative.startswith("structures/"):  # a tampered copy of the one file it reads
+            (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / relative).write_bytes(b"not the recorded file")
+    structures = sum(not line.split(maxsplit=1)[1].startswith("meshes/") for line in lock)
+    with pytest.raises(SystemExit, match=rf"\({structures} problems\)"):
+        default_corpus.locked_inputs(tmp_path, meshes=False)
+    with pytest.raises(SystemExit, match=rf"\({len(lock)} problems\)"):  # every mesh missing too
+        default_corpus.locked_inputs(tmp_path)
+
+
 def test_the_corpus_recipe_builds_large_complexes_only_when_asked_with_the_protein_split(monkeypatch):
     from training.recipes import default_corpus
 
     calls = []
     monkeypatch.setattr(default_corpus, "locked_inputs",
-                        lambda data: {"structures": [Path("s/1AKE.pdb.gz")], "meshes": [Path("m/a.obj")]})
+                        lambda data, meshes: {"structures": [Path("s/1AKE.pdb.gz")], "meshes": [Path("m/a.obj")]})
     monkeypatch.setattr(default_corpus, "build_corpus", lambda argv: calls.append(argv) or 0)
     assert default_corpus.main(["data", "--out", "proteins", "--no-meshes"]) == 0
     assert len(calls) == 1 and "--assemblies" not in calls[0]

@@ -278,13 +278,13 @@ def test_noisy_inputs_follow_the_noise_model_and_their_seed():
     assert not np.array_equal(noisy, noisy_inputs(clean, (0.25, 4.0), [1, 3]))
 
 
-def test_against_clean_swaps_only_the_reconstruction_term():
+def test_losses_against_a_target_swap_only_the_reconstruction_term():
     from napari_cryoswan.models.base import ModelOutput
-    from training.train import against_clean
 
+    model = registry.build_model("vq", preset="small")
     recon, clean = torch.zeros(1, 1, 4, 4, 4), torch.ones(1, 1, 4, 4, 4)
     losses = {"recon": torch.tensor(0.5), "commit": torch.tensor(0.25), "total": torch.tensor(0.75)}
-    terms = against_clean(ModelOutput(recon, losses, {}), clean)
+    terms = model.losses_against(ModelOutput(recon, losses, {}), clean)
     assert float(terms["recon"]) == 1.0 and float(terms["total"]) == 1.25
     assert float(terms["commit"]) == 0.25
 

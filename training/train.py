@@ -261,7 +261,7 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
             model.train(not frozen)  # frozen codebooks must not count, seed or renew codes
             with autocast(device, settings.amp):
                 output = wrapped(x)
-            terms = output.losses if not settings.input_snr else against_clean(
+            terms = output.losses if not settings.input_snr else model.losses_against(
                 output, torch.from_numpy(clean[:, None]).to(device))
             optimizer.zero_grad(set_to_none=True)
             terms["total"].backward()
@@ -336,7 +336,7 @@ def validate(model, corpus, ids, device, batch_size: int, step: int,
             x = torch.from_numpy(inputs[:, None]).to(device)
             with autocast(device):
                 output = model(x)
-            recon_loss = output.losses["recon"] if not input_snr else against_clean(
+            recon_loss = output.losses["recon"] if not input_snr else model.losses_against(
                 output, torch.from_numpy(volumes[:, None]).to(device))["recon"]
             losses.append(float(recon_loss) * len(volumes))
             recon = output.recon[:, 0].float().cpu().numpy()
@@ -361,16 +361,6 @@ def noisy_inputs(clean: np.ndarray, snr_range: tuple[float, float], seed: list[i
         rng = np.random.default_rng([*seed, i])
         noisy.append(add_noise(volume, float(np.exp(rng.uniform(low, high))), rng))
     return np.stack(noisy)
-
-
-def against_clean(output, clean):
-    """The model's loss terms with the reconstruction term taken against ``clean`` instead of the
-    (noisy) input: every model's total is its reconstruction MSE plus the other terms
-    (commitment, KL), so the swap keeps their weights."""
-    import torch.nn.functional as F
-
-    recon = F.mse_loss(output.recon.float(), clean)
-    return {**output.losses, "recon": recon, "total": output.losses["total"] - output.losses["recon"] + recon}
 
 
 def _check_init(init, model_name: str, corpus) -> None:

@@ -41,11 +41,14 @@ MAX_CHAINS = 6
 ASSEMBLIES_PER_STRUCTURE = 3
 
 
-def locked_inputs(data_dir: Path) -> dict[str, list[Path]]:
-    """The recipe's input files by kind, each checked against its recorded sha256."""
+def locked_inputs(data_dir: Path, meshes: bool = True) -> dict[str, list[Path]]:
+    """The recipe's input files by kind, each checked against its recorded sha256; without
+    ``meshes`` the meshes are neither needed nor listed."""
     problems, inputs = [], {"structures": [], "meshes": []}
     for line in LOCK_FILE.read_text().splitlines():
         digest, relative = line.split(maxsplit=1)
+        if relative.startswith("meshes/") and not meshes:
+            continue
         path = data_dir / relative
         if not path.is_file():
             problems.append(f"missing: {relative}")
@@ -74,7 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    inputs = locked_inputs(args.data_dir)
+    inputs = locked_inputs(args.data_dir, meshes=not args.no_meshes)
     common = ["--workers", str(args.workers)] + (["--overwrite"] if args.overwrite else [])
     status = build_corpus(["--out", args.out, "--structures", *map(str, inputs["structures"]),
                            "--subassemblies", str(SUBASSEMBLIES_PER_STRUCTURE),

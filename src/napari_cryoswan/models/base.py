@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Codes = dict[str, list[torch.Tensor]]
@@ -102,6 +103,15 @@ class Autoencoder(nn.Module, metaclass=abc.ABCMeta):
         """The training objective: (total, every term detached)."""
         losses = self(x).losses
         return losses["total"], {key: value.detach() for key, value in losses.items()}
+
+    def losses_against(self, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``output``'s loss terms with the reconstruction scored against ``target`` instead of
+        the input (a noise-aware fine-tune's clean map). Every model's total is its reconstruction
+        MSE plus the other terms (commitment, KL), so the swap keeps their weights; a model with
+        another term that reads the input rescores it too."""
+        recon = F.mse_loss(output.recon.float(), target)
+        return {**output.losses, "recon": recon,
+                "total": output.losses["total"] - output.losses["recon"] + recon}
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The parameters of ``encoder_modules`` (empty for a model without them)."""

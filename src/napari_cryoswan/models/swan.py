@@ -170,10 +170,22 @@ class CryoSwan(Autoencoder):
         losses.update({f"commit/{name}": value for name, value in commits.items()})
         losses["total"] = losses["recon"] + losses["commit"]
         if "approximation" in levels["rq1"]:
-            target = F.interpolate(x, size=self.config.latent_size(1), mode="area")
-            losses["approx"] = mse(levels["rq1"]["approximation"], target)
+            losses["approx"] = self._approximation_loss(levels, x)
             losses["total"] = losses["total"] + self.config.approx_weight * losses["approx"]
         return ModelOutput(recon, losses, codes, levels)
+
+    def _approximation_loss(self, levels, target: torch.Tensor) -> torch.Tensor:
+        """MSE of level 2's approximation to ``target`` averaged onto level 1's grid."""
+        return mse(levels["rq1"]["approximation"], F.interpolate(target, size=self.config.latent_size(1), mode="area"))
+
+    def losses_against(self, output: ModelOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """As the base class, and the approximation too is asked of ``target``, not the input."""
+        losses = super().losses_against(output, target)
+        if "approx" in losses:
+            approx = self._approximation_loss(output.levels, target.to(output.levels["rq1"]["approximation"].dtype))
+            losses["total"] = losses["total"] + self.config.approx_weight * (approx - losses["approx"])
+            losses["approx"] = approx
+        return losses
 
     def approximation(self, x: torch.Tensor) -> torch.Tensor:
         """Level 2's approximation of x (``approx_weight``), upsampled to x's grid: the in-model
