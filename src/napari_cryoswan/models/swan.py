@@ -194,8 +194,11 @@ class CryoSwan(Autoencoder):
         Shape: x (B, 1, D, H, W) → (B, 1, D, H, W)
         """
         with evaluating(self), torch.inference_mode():
-            approx = self._quantize_levels(self._encode_levels(x))[0]["rq1"]["approximation"]
-            return F.interpolate(approx, size=x.shape[-3:], mode="trilinear", align_corners=False)
+            return self._upsampled_approximation(self._quantize_levels(self._encode_levels(x))[0], x)
+
+    @staticmethod
+    def _upsampled_approximation(levels, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(levels["rq1"]["approximation"], size=x.shape[-3:], mode="trilinear", align_corners=False)
 
     def encode(self, x: torch.Tensor) -> Encoding:
         levels, codes, _ = self._quantize_levels(self._encode_levels(x))
@@ -242,10 +245,12 @@ class CryoSwan(Autoencoder):
         return partial
 
     def reconstruction_variants(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {self.variants[0]: self.reconstruct(x)}
         with evaluating(self), torch.inference_mode():
+            full = self(x)  # one encoding gives the full map and level 2's approximation
+            out = {self.variants[0]: full.recon}
             for name, how in self._partial_variants().items():
-                out[name] = self.approximation(x) if how.get("approximation") else self(x, **how).recon
+                out[name] = (self._upsampled_approximation(full.levels, x) if how.get("approximation")
+                             else self(x, **how).recon)
         return out
 
     def reconstructions_by_scale(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
