@@ -7,9 +7,11 @@
 - RQ2's quantized latent: mean per-dimension s.d. and effective rank (exp of the entropy of its
   singular-value spectrum);
 - codebook usage per level (codes used, perplexity) over ``--usage-maps`` training maps;
-- per level, the mean residual norm after each scale, and the scales after which it is larger
-  than before them ("residual grows at"; "none" when it shrinks at every scale), on the split's
-  maps;
+- per level, the residual left after each scale, as its energy (mean squared norm: the error
+  that the nearest-code search and the quantizer's loss reduce) and as its mean norm, and for
+  each the scales after which it is larger than before them ("grows at"; "none" when it shrinks
+  at every scale), on the split's maps. The mean norm can rise where the energy falls: a scale
+  that evens out large and small residual vectors;
 - the last validation loss of the run, when a ``validation.jsonl`` lies beside the checkpoint.
 
     python benchmarks/bench_levels.py --corpus corpus_default runs/literal/model.pt runs/residual/model.pt
@@ -64,10 +66,12 @@ def level_statistics(model, volumes, usage_volumes) -> dict:
             row["rq2_effective_rank"] = float(torch.exp(-(share * share.clamp_min(1e-12).log()).sum()))
         outputs = batched(model, volumes)
         for k, level in enumerate(outputs[0].levels):
-            norms = torch.stack([o.levels[level]["residual_norms"] for o in outputs]).mean(0).tolist()
-            grows = [str(s) for s, before, after in zip(model.config.scales[k][1:], norms, norms[1:]) if after > before]
-            row[f"{level}_residual_grows_at"] = ", ".join(grows) or "none"
-            row[f"{level}_residual_norms"] = " ".join(f"{norm:.3f}" for norm in norms)
+            for statistic, key in (("energy", "residual_energies"), ("norm", "residual_norms")):
+                values = torch.stack([o.levels[level][key] for o in outputs]).mean(0).tolist()
+                grows = [str(s) for s, before, after in zip(model.config.scales[k][1:], values, values[1:])
+                         if after > before]
+                row[f"{level}_residual_{statistic}_grows_at"] = ", ".join(grows) or "none"
+                row[f"{level}_{key}"] = " ".join(f"{value:.4g}" for value in values)
         variants = batched(model.reconstruction_variants, volumes)
         for name in variants[0]:
             row[f"mse_{name}"] = mse(torch.cat([v[name] for v in variants]), volumes)

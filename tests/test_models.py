@@ -301,9 +301,11 @@ def test_residual_norm_falls_scale_to_scale_once_the_codebook_is_seeded_from_dat
     with torch.no_grad():
         out = model(x)
     for level in ("rq1", "rq2"):
-        norms = out.levels[level]["residual_norms"]
+        norms, energies = out.levels[level]["residual_norms"], out.levels[level]["residual_energies"]
         assert torch.all(norms[1:] < norms[:-1]), (level, norms)
         assert norms[0] < out.levels[level]["latent"].norm(dim=1).mean()  # the first scale too
+        assert torch.all(energies[1:] < energies[:-1]), (level, energies)
+        assert energies[0] < out.levels[level]["latent"].pow(2).sum(1).mean()
 
 
 def test_codebook_is_seeded_with_encoder_vectors():
@@ -668,8 +670,12 @@ def test_residual_norm_falls_scale_to_scale_at_initialisation_with_var_phi():
     f = torch.nn.functional.avg_pool3d(torch.randn(4, 4, 10, 10, 10), 3, 1)  # smooth-ish 8³ latents
     quantizer.train()(f)  # seeds the codebook
     with torch.no_grad():
-        norms = torch.stack(quantizer.eval()(f).residual_norms)
+        out = quantizer.eval()(f)
+    norms, energies = torch.stack(out.residual_norms), torch.stack(out.residual_energies)
     assert torch.all(norms[1:] < norms[:-1]) and norms[0] < f.norm(dim=1).mean(), norms
+    # the energy is the squared norm's mean: the MSE (times C) between f and the sum of the codes
+    torch.testing.assert_close(energies[-1], (f - out.f_hat_BCdhw).pow(2).sum(1).mean())
+    assert torch.all(energies[1:] < energies[:-1]), energies
 
 
 @pytest.mark.parametrize("name", ["swan", "swan-rq1", "vq", "rq", "var", "hq"])

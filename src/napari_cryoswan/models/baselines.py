@@ -21,7 +21,7 @@ from torch import nn
 from .base import Autoencoder, Codes, Encoding, ModelOutput
 from .blocks import (CoordinateDecoder, Decoder3d, Encoder3d, VoxelPositionalEncoding, fusion_block,
                      gaussian_kl, mse, reparameterise, voxel_grid)
-from .quantize import ResidualQuantizer, StochasticQuantizer
+from .quantize import ResidualQuantizer, StochasticQuantizer, residual_statistics
 
 # ─── single-level quantized autoencoders: VQ, RQ, VAR ────────────────────────────────────────
 
@@ -83,8 +83,7 @@ class SingleLevelVQ(Autoencoder):
         recon = self.decoder(self.post_quant_conv(quantized.f_hat_BCdhw))
         losses = {"recon": mse(recon, x), "commit": quantized.loss}
         losses["total"] = losses["recon"] + losses["commit"]
-        level = {"latent": f_BCdhw, "quantized": quantized.f_hat_BCdhw,
-                 "residual_norms": torch.stack(quantized.residual_norms)}
+        level = {"latent": f_BCdhw, "quantized": quantized.f_hat_BCdhw, **residual_statistics(quantized)}
         return ModelOutput(recon, losses, {"latent": quantized.codes}, {"latent": level})
 
     def encode(self, x: torch.Tensor) -> Encoding:

@@ -37,12 +37,22 @@ class QuantizerOutput:
     - codes: one index map idx_Bsss per scale (per residual step for RQ, one for VQ).
     - loss: the quantizer's loss term (a scalar).
     - residual_norms: mean L2 norm of the residual left after each scale (detached).
+    - residual_energies: mean squared L2 norm of that residual (detached): the error that each
+      scale's nearest-code search and the quantizer's loss reduce. It can fall where the mean
+      norm rises (a scale that evens out the residual's large and small vectors).
     """
 
     f_hat_BCdhw: torch.Tensor
     codes: list[torch.Tensor]
     loss: torch.Tensor
     residual_norms: list[torch.Tensor] = field(default_factory=list)
+    residual_energies: list[torch.Tensor] = field(default_factory=list)
+
+
+def residual_statistics(quantized: QuantizerOutput) -> dict[str, torch.Tensor]:
+    """A level's per-scale residual norms and energies, as ``ModelOutput.levels`` holds them."""
+    return {"residual_norms": torch.stack(quantized.residual_norms),
+            "residual_energies": torch.stack(quantized.residual_energies)}
 
 
 class Codebook(nn.Module):
@@ -384,7 +394,7 @@ class ResidualQuantizer(nn.Module):
         f_rest = f_no_grad.clone()
         f_quant = torch.zeros_like(f_no_grad)
         loss = f_BCdhw.new_zeros(())
-        codes, norms, pool, errors = [], [], [], []
+        codes, norms, energies, pool, errors = [], [], [], [], []
         seeded = 0
         for si, scale in enumerate(self.scales):
             rest_NC = _to_rows(_resize(f_rest, scale, "area"))
@@ -398,6 +408,7 @@ class ResidualQuantizer(nn.Module):
             loss = loss + mse(f_quant, f_no_grad) + self.beta * mse(f_quant.detach(), f_BCdhw)
             codes.append(idx_N.view(-1, scale, scale, scale))
             norms.append(f_rest.detach().norm(dim=1).mean())
+            energies.append(f_rest.detach().pow(2).sum(1).mean())
             if self.training:
                 pool.append(rest_NC)
             if legacy_restarts:
@@ -409,7 +420,7 @@ class ResidualQuantizer(nn.Module):
             book.remember_(torch.cat(pool))
         if legacy_restarts:
             book.restart_dead_(torch.cat(pool), torch.cat(errors))
-        return QuantizerOutput(_straight_through(f_BCdhw, f_quant), codes, loss / len(self.scales), norms)
+        return QuantizerOutput(_straight_through(f_BCdhw, f_quant), codes, loss / len(self.scales), norms, energies)
 
     def _embed(self, idx_N: torch.Tensor, si: int, full_shape: torch.Size) -> torch.Tensor:
         """Codes of scale si, as a full-size map refined by its φ. Shape: (B·s³,) → (B, C, S, S, S)"""

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from .base import Autoencoder, Codes, Encoding, ModelOutput, evaluating
 from .blocks import Decoder3d, Encoder3d, VoxelPositionalEncoding, fusion_block, mse
-from .quantize import ResidualQuantizer
+from .quantize import ResidualQuantizer, residual_statistics
 
 RQ1_SCALES = (1, 4, 6, 8, 10, 12, 14, 16)
 RQ2_SCALES = (1, 2, 4, 8)
@@ -326,8 +326,7 @@ class CryoSwan(Autoencoder):
             quantized = self.quantizers[k](f_BCdhw if prior is None else f_BCdhw - prior.detach())
             codes_BCdhw = self._drop_fine(quantized.f_hat_BCdhw, without_fine) if k == 0 else quantized.f_hat_BCdhw
             f_hat_BCdhw = codes_BCdhw if prior is None else prior + codes_BCdhw
-            levels[name] = {"latent": f_BCdhw, "quantized": f_hat_BCdhw,
-                            "residual_norms": torch.stack(quantized.residual_norms)}
+            levels[name] = {"latent": f_BCdhw, "quantized": f_hat_BCdhw, **residual_statistics(quantized)}
             if approximation is not None:
                 levels[name]["approximation"] = approximation
             codes[name], commits[name] = quantized.codes, quantized.loss
