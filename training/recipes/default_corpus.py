@@ -6,7 +6,8 @@
 DATA_DIR is the offline data folder (``shared/data`` beside the repository; its README gives the
 provenance of every file). The inputs are exactly the files listed, with their sha256, in
 ``default_corpus.sha256`` beside this script; the recipe checks them first and stops if one is
-missing or differs, so the corpora it builds are the same everywhere. Nothing in the product reads
+missing or differs, so the corpora it builds are the same everywhere (with ``--no-meshes`` the
+meshes are neither needed nor checked). Nothing in the product reads
 DATA_DIR: training and evaluation read only the corpora built here.
 
 1. Proteins (``--out``): the 18 structures of ``structures/`` with up to 20 sub-assemblies each
