@@ -182,7 +182,7 @@ class CryoSwan(Autoencoder):
         """As the base class, and the approximation too is asked of ``target``, not the input."""
         losses = super().losses_against(output, target)
         if "approx" in losses:
-            approx = self._approximation_loss(output.levels, target.to(output.levels["rq1"]["approximation"].dtype))
+            approx = self._approximation_loss(output.levels, target)
             losses["total"] = losses["total"] + self.config.approx_weight * (approx - losses["approx"])
             losses["approx"] = approx
         return losses
