@@ -18,6 +18,9 @@ def fake_tools(monkeypatch, calls):
     monkeypatch.setattr(recipe.default_corpus, "main", lambda argv: calls.append(("corpus", argv)) or 0)
     monkeypatch.setattr(recipe.train, "main", fake_train)
     monkeypatch.setattr(recipe.evaluate, "main", lambda argv: calls.append(("evaluate", argv)) or 0)
+    from training.recipes import latent_checkpoints
+
+    monkeypatch.setattr(latent_checkpoints, "main", lambda argv: calls.append(("latent", argv)) or 0)
 
 
 def test_recipe_resumes_a_killed_run_and_restarts_one_killed_before_its_first_checkpoint(
@@ -45,14 +48,20 @@ def test_recipe_resumes_a_killed_run_and_restarts_one_killed_before_its_first_ch
     assert evaluated[evaluated.index("--split") + 1] == "test"
 
 
-def test_recipe_installs_the_weights_only_when_asked(monkeypatch, tmp_path):
-    fake_tools(monkeypatch, [])
+def test_recipe_rebuilds_what_stands_on_swan_and_installs_only_when_asked(monkeypatch, tmp_path):
+    calls = []
+    fake_tools(monkeypatch, calls)
     package = tmp_path / "package_checkpoints"
+    package.mkdir()
     monkeypatch.setattr(recipe, "PACKAGE_CHECKPOINTS", package)
-    assert recipe.main(["data", "--work", str(tmp_path / "work")]) == 0
-    assert not package.exists()
-    assert recipe.main(["data", "--work", str(tmp_path / "work"), "--install"]) == 0
-    assert (package / "swan.pt").read_bytes() == b"weights of swan"
+    work = tmp_path / "work"
+    assert recipe.main(["data", "--work", str(work)]) == 0
+    latent = next(argv for kind, argv in calls if kind == "latent")
+    assert latent[latent.index("--autoencoder") + 1] == str(work / "swan" / "model.pt")
+    assert "--install" not in latent and not any(package.iterdir())
+    calls.clear()
+    assert recipe.main(["data", "--work", str(work), "--install"]) == 0
+    assert "--install" in next(argv for kind, argv in calls if kind == "latent")  # swan.pt and its dependants
     assert (package / "swan-rq1.pt").read_bytes() == b"weights of swan-rq1"
 
 
@@ -128,3 +137,96 @@ def test_the_corpus_recipe_builds_large_complexes_only_when_asked_with_the_prote
     assert proteins[proteins.index("--out") + 1] == "proteins"
     assert large[large.index("--out") + 1] == "large" and "--assemblies-only" in large
     assert large[large.index("--split-from") + 1] == "proteins"  # no test structure leaks into training
+
+
+def fake_latent_tools(monkeypatch, calls, checkpoint):
+    """Every tool of the latent recipe, writing what the real one writes (``checkpoint``'s weights)."""
+    import shutil
+
+    from training.recipes import latent_checkpoints as latent
+
+    def writes(kind, output):
+        def tool(argv):
+            calls.append((kind, argv))
+            out = Path(argv[argv.index("--out") + 1] if "--out" in argv else argv[0])
+            target = output(out)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(checkpoint, target)
+            return 0
+        return tool
+
+    monkeypatch.setattr(recipe.default_corpus, "main", lambda argv: calls.append(("corpus", argv)) or 0)
+    monkeypatch.setattr(latent.train_embedding, "main", writes("head", lambda out: out))
+    monkeypatch.setattr(latent.train_diffusion, "main", writes("diffusion", lambda out: out / "model.pt"))
+    monkeypatch.setattr(latent.calibrate_diffusion, "main", writes("calibrate", lambda out: out))
+    monkeypatch.setattr(recipe.train, "main", writes("train", lambda out: out / "model.pt"))
+    monkeypatch.setattr(latent.build_index, "main", writes("index", lambda out: out / "manifest.json"))
+
+    def fake_projection(argv):
+        calls.append(("projection", argv))
+        (Path(argv[0]) / "projection").mkdir()
+        (Path(argv[0]) / "projection" / "meta.json").write_text("{}")
+        (Path(argv[0]) / "shards").mkdir()
+        return 0
+
+    import napari_cryoswan.explorer
+
+    monkeypatch.setattr(napari_cryoswan.explorer, "main", fake_projection)
+    return latent
+
+
+def test_latent_recipe_fits_every_dependant_to_the_autoencoder_given_and_goes_on_after_a_kill(
+        monkeypatch, tmp_path, small_checkpoints):
+    calls = []
+    latent = fake_latent_tools(monkeypatch, calls, small_checkpoints["swan"])
+    work = tmp_path / "work"
+    (work / "latent" / "diffusion").mkdir(parents=True)
+    (work / "latent" / "diffusion" / "last.pt").write_bytes(b"state")  # killed mid-run
+    args = ["data", "--work", str(work), "--autoencoder", str(small_checkpoints["swan"])]
+    assert latent.main(args) == 0
+    placed = work / "latent" / "swan.pt"
+    assert placed.read_bytes() == small_checkpoints["swan"].read_bytes()
+    by_kind = {kind: argv for kind, argv in calls}
+    assert by_kind["head"][by_kind["head"].index("--checkpoint") + 1] == str(placed)
+    assert [Path(c).name for c in by_kind["head"][by_kind["head"].index("--corpus") + 1:][:2]] == [
+        "corpus_default", "corpus_assemblies"]
+    assert "--resume" in by_kind["diffusion"]
+    assert by_kind["calibrate"][by_kind["calibrate"].index("--autoencoder") + 1] == str(placed)
+    assert by_kind["train"][by_kind["train"].index("--init") + 1] == str(placed)  # not bundled:swan
+    assert "index" not in by_kind  # the index is built only from installed files
+    calls.clear()
+    assert latent.main(args) == 0  # all done: nothing is trained again
+    assert [kind for kind, _ in calls] == ["corpus"]
+
+
+def test_latent_recipe_refuses_a_folder_of_another_autoencoder(monkeypatch, tmp_path, small_checkpoints, capsys):
+    latent = fake_latent_tools(monkeypatch, [], small_checkpoints["swan"])
+    work = tmp_path / "work"
+    (work / "latent").mkdir(parents=True)
+    (work / "latent" / "swan.pt").write_bytes(b"another autoencoder")
+    assert latent.main(["data", "--work", str(work), "--autoencoder", str(small_checkpoints["swan"])]) == 2
+    assert "another autoencoder" in capsys.readouterr().err
+    assert (work / "latent" / "swan.pt").read_bytes() == b"another autoencoder"  # nothing lost
+
+
+def test_latent_recipe_installs_the_files_then_builds_the_index_from_the_installed_swan(
+        monkeypatch, tmp_path, small_checkpoints):
+    calls = []
+    latent = fake_latent_tools(monkeypatch, calls, small_checkpoints["swan"])
+    package = tmp_path / "package" / "checkpoints"
+    package.mkdir(parents=True)
+    old_index = tmp_path / "package" / "data" / "index"
+    old_index.mkdir(parents=True)
+    (old_index / "manifest.json").write_text("the old autoencoder's index")
+    monkeypatch.setattr(latent, "PACKAGE_CHECKPOINTS", package)
+    monkeypatch.setattr(latent, "PACKAGE_INDEX", old_index)
+    assert latent.main(["data", "--work", str(tmp_path / "work"), "--autoencoder",
+                        str(small_checkpoints["swan"]), "--install"]) == 0
+    for name in ("swan.pt", "swan.embedding.pt", "swan.diffusion.pt", "swan-denoiser.pt"):
+        assert (package / name).is_file()
+    indexed = next(argv for kind, argv in calls if kind == "index")
+    assert indexed[indexed.index("--checkpoint") + 1] == "bundled:swan"
+    assert indexed[indexed.index("--rotations") + 1] == "0"
+    assert sorted(p.name for p in old_index.iterdir()) == ["manifest.json", "projection", "shards"]
+    assert (old_index / "manifest.json").read_bytes() == small_checkpoints["swan"].read_bytes()
+    assert not old_index.with_name("index.partial").exists()

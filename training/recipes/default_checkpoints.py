@@ -7,9 +7,12 @@
 2. trains Cryo-SWAN (RQ1+RQ2) and its RQ1-only ablation on both corpora, with the same settings
    and budget (3,000 steps: docs/MODELS.md measured the literal design still improving there);
 3. evaluates both on the protein corpus's test split with ``training.evaluate``;
-4. with ``--install``, copies the two ``model.pt`` into ``src/napari_cryoswan/checkpoints/``
-   as ``swan.pt`` and ``swan-rq1.pt`` (asking nothing: pass it only when you mean to replace
-   the shipped weights; without it the files stay in the work folder).
+4. rebuilds what stands on the new Cryo-SWAN's latent (its embedding head, diffusion model and
+   denoiser) with ``training.recipes.latent_checkpoints``;
+5. with ``--install``, writes ``swan.pt`` with those files and the bundled index built on it
+   (``latent_checkpoints --install``), and ``swan-rq1.pt``, into the package (asking nothing:
+   pass it only when you mean to replace the shipped weights; without it the files stay in the
+   work folder).
 
 The shipped files were trained with these settings on one GPU (docs/CHECKPOINTS.md); their
 predecessors came from this recipe at commit 9108e0d. A killed run resumes when the same command
@@ -46,9 +49,9 @@ def train_or_resume(out: Path, train_args: list[str]) -> int:
     return train.main([*train_args, "--out", str(out), *resume])
 
 
-def recipe_parser(module: str, description: str) -> argparse.ArgumentParser:
-    """The arguments every checkpoint recipe takes: the data folder, --work, --device and the
-    corpus step's --workers."""
+def recipe_parser(module: str, description: str, *, installs: str) -> argparse.ArgumentParser:
+    """The arguments every checkpoint recipe takes: the data folder, --work, --device, the
+    corpus step's --workers, and --install (which writes what ``installs`` names)."""
     parser = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", type=Path, help="the offline data folder (structures/, meshes/)")
@@ -56,20 +59,27 @@ def recipe_parser(module: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--workers", type=int, default=2,
                         help="processes that build the corpora (default 2; a machine's core count is faster)")
+    parser.add_argument("--install", action="store_true", help=f"replace {installs} in the package")
     return parser
 
 
-def main(argv=None) -> int:
-    parser = recipe_parser("training.recipes.default_checkpoints", __doc__)
-    parser.add_argument("--preset", default="cpu", choices=("cpu", "full"),
-                        help="'cpu' (what a 2-core CPU trains in about an hour) or 'full' (the paper's widths; a GPU's work)")
-    parser.add_argument("--install", action="store_true",
-                        help="replace the checkpoints shipped in src/napari_cryoswan/checkpoints")
-    args = parser.parse_args(argv)
-
+def protein_corpora(args: argparse.Namespace) -> tuple[int, Path, Path]:
+    """(exit code, proteins, large complexes): the two corpora of the bundled models under
+    ``--work``, built or resumed."""
     corpus, large = args.work / "corpus_default", args.work / "corpus_assemblies"
     code = default_corpus.main([str(args.data_dir), "--out", str(corpus), "--no-meshes",
                                 "--assemblies-out", str(large), "--workers", str(args.workers)])
+    return code, corpus, large
+
+
+def main(argv=None) -> int:
+    parser = recipe_parser("training.recipes.default_checkpoints", __doc__,
+                           installs="swan.pt (with the files that stand on it) and swan-rq1.pt")
+    parser.add_argument("--preset", default="cpu", choices=("cpu", "full"),
+                        help="'cpu' (the bundled models' widths) or 'full' (the paper's widths; a GPU's work)")
+    args = parser.parse_args(argv)
+
+    code, corpus, large = protein_corpora(args)
     if code:
         return code
     finals = []
@@ -83,12 +93,18 @@ def main(argv=None) -> int:
     code = evaluate.main(["--checkpoints", *map(str, finals), "--corpus", str(corpus),
                           "--split", "test", "--out", str(args.work / "report"),
                           "--device", args.device])
+    if code:
+        return code
+    # Imported here: that recipe takes its helpers from this module.
+    from training.recipes import latent_checkpoints
+
+    code = latent_checkpoints.main([str(args.data_dir), "--work", str(args.work), "--autoencoder", str(finals[0]),
+                                    "--device", args.device, "--workers", str(args.workers),
+                                    *(["--install"] if args.install else [])])
     if code or not args.install:
         return code
-    PACKAGE_CHECKPOINTS.mkdir(exist_ok=True)
-    for model, final in zip(MODELS, finals):
-        shutil.copyfile(final, PACKAGE_CHECKPOINTS / f"{model}.pt")
-    print(f"Installed {', '.join(MODELS)} into {PACKAGE_CHECKPOINTS}")
+    shutil.copyfile(finals[1], PACKAGE_CHECKPOINTS / "swan-rq1.pt")
+    print(f"Installed swan-rq1 into {PACKAGE_CHECKPOINTS}")
     return 0
 
 

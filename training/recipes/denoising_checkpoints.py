@@ -30,19 +30,21 @@ from training.recipes.default_checkpoints import (PACKAGE_CHECKPOINTS, TRAIN_ARG
                                                   train_or_resume)
 
 DENOISER_SNR = ("0.1", "2")  # the benchmark's range of SNRs, drawn log-uniformly per map
-DENOISER_ARGS = ["--init", "bundled:swan", "--input-snr", *DENOISER_SNR, "--train-only", "encoder",
-                 "--steps", "600", "--batch-size", "4", "--lr", "3e-4", "--val-every", "100",
-                 "--checkpoint-every", "50", "--max-val", "32", "--seed", "0", "--no-amp"]
 SHAPES_STEPS = "1500"  # the budget of the shipped swan-shapes.pt
 SNRS = ["0.1", "0.25", "0.5", "1", "2"]
 EVALUATE_ARGS = ["--split", "test", "--max-maps", "10", "--snr", *SNRS, "--seed", "0"]
 
 
+def denoiser_args(init) -> list[str]:
+    """``training.train``'s settings of the noise-aware fine-tune of the autoencoder ``init``."""
+    return ["--init", str(init), "--input-snr", *DENOISER_SNR, "--train-only", "encoder",
+            "--steps", "600", "--batch-size", "4", "--lr", "3e-4", "--val-every", "100",
+            "--checkpoint-every", "50", "--max-val", "32", "--seed", "0", "--no-amp"]
+
+
 def main(argv=None) -> int:
-    parser = recipe_parser("training.recipes.denoising_checkpoints", __doc__)
-    parser.add_argument("--install", action="store_true",
-                        help="write swan-shapes.pt and swan-denoiser.pt into "
-                             "src/napari_cryoswan/checkpoints")
+    parser = recipe_parser("training.recipes.denoising_checkpoints", __doc__,
+                           installs="swan-shapes.pt and swan-denoiser.pt")
     args = parser.parse_args(argv)
 
     proteins, shapes = args.work / "corpus_default", args.work / "corpus_meshes"
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
                                                          "--corpus", str(shapes), "--steps", SHAPES_STEPS,
                                                          *TRAIN_ARGS, *device])
     code = code or train_or_resume(runs["swan-denoiser"], ["--model", "swan", "--corpus", str(proteins),
-                                                           *DENOISER_ARGS, *device])
+                                                           *denoiser_args("bundled:swan"), *device])
     finals = {name: run / "model.pt" for name, run in runs.items()}
     code = code or evaluate_denoise.main([
         "--checkpoint", str(finals["swan-shapes"]), "--corpus", str(shapes), *EVALUATE_ARGS,
