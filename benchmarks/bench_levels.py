@@ -6,7 +6,10 @@
 - the MSE of every single-level variant the checkpoint was trained to decode ("RQ1", "RQ2");
 - RQ2's quantized latent: mean per-dimension s.d. and effective rank (exp of the entropy of its
   singular-value spectrum);
-- codebook usage per level (codes used, perplexity) over ``--usage-maps`` training maps;
+- codebook usage per level (codes used, perplexity) over ``--usage-maps`` training maps, and on
+  the split's maps beside the usage that as many independent draws from the training maps' code
+  frequencies are expected to reach (``quantize.expected_codes_used``): a split that uses about
+  that many is as varied as its size allows, one far below it lives in a corner of the codebook;
 - per level, the residual left after each scale, as its energy (mean squared norm: the error
   that the nearest-code search and the quantizer's loss reduce) and as its mean norm, and for
   each the scales after which it is larger than before them ("grows at"; "none" when it shrinks
@@ -37,6 +40,8 @@ def level_statistics(model, volumes, usage_volumes) -> dict:
     """The measurements of the module docstring for one model. Shape: volumes (N, 1, D, H, W)."""
     import torch
 
+    from napari_cryoswan.models.quantize import expected_codes_used
+
     def batched(function, tensor):
         return [function(tensor[i:i + BATCH]) for i in range(0, len(tensor), BATCH)]
 
@@ -64,7 +69,9 @@ def level_statistics(model, volumes, usage_volumes) -> dict:
             share = torch.linalg.svdvals(flat - flat.mean(0)) ** 2
             share = share / share.sum()
             row["rq2_effective_rank"] = float(torch.exp(-(share * share.clamp_min(1e-12).log()).sum()))
+        model.reset_usage()
         outputs = batched(model, volumes)
+        split_usage = model.codebook_usage()
         for k, level in enumerate(outputs[0].levels):
             for statistic, key in (("energy", "residual_energies"), ("norm", "residual_norms")):
                 values = torch.stack([o.levels[level][key] for o in outputs]).mean(0).tolist()
@@ -79,6 +86,9 @@ def level_statistics(model, volumes, usage_volumes) -> dict:
         batched(model, usage_volumes)
         for level, usage in model.codebook_usage().items():
             row[f"{level}_used"], row[f"{level}_perplexity"] = usage["used"], usage["perplexity"]
+            row[f"{level}_used_split"] = split_usage[level]["used"]
+            row[f"{level}_used_split_expected"] = round(expected_codes_used(
+                model.codebooks()[level].counts.sum(0), split_usage[level]["assignments"]))
     return row
 
 

@@ -348,6 +348,20 @@ def test_backward_runs_after_a_dead_code_restart_in_the_same_step(make):
     assert z.grad is not None and torch.isfinite(z.grad).all()
 
 
+def test_expected_codes_used_matches_sampling_and_its_bounds():
+    from napari_cryoswan.models.quantize import expected_codes_used
+
+    uniform = torch.ones(4096)
+    assert expected_codes_used(uniform, 29_250) == pytest.approx(4096 * (1 - (1 - 1 / 4096) ** 29_250))
+    assert expected_codes_used(uniform, 1) == pytest.approx(1.0)
+    skewed = torch.tensor([1000.0, 10, 1, 0, 0])  # codes never seen are never expected
+    assert expected_codes_used(skewed, 10**6) == pytest.approx(3.0)
+    draws = torch.multinomial(skewed / skewed.sum(), 50 * 2000, replacement=True,
+                              generator=torch.Generator().manual_seed(0)).view(2000, 50)
+    seen = torch.tensor([row.unique().numel() for row in draws], dtype=torch.float64).mean()
+    assert expected_codes_used(skewed, 50) == pytest.approx(float(seen), abs=0.03)
+
+
 def test_codebook_usage_is_reported_per_level_after_a_validation_pass():
     model = small("swan")
     model(volumes(2))

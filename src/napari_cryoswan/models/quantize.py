@@ -55,6 +55,15 @@ def residual_statistics(quantized: QuantizerOutput) -> dict[str, torch.Tensor]:
             "residual_energies": torch.stack(quantized.residual_energies)}
 
 
+def expected_codes_used(counts_V: torch.Tensor, draws: int) -> float:
+    """How many distinct codes ``draws`` independent draws from the frequencies ``counts_V`` are
+    expected to hit: Σ_v 1 − (1 − p_v)^draws. Usage on a sample of that many assignments cannot be
+    expected above it, however healthy the codebook: a skewed code distribution leaves rare codes
+    unseen in a small split."""
+    p_V = counts_V.double() / counts_V.sum().clamp_min(1)
+    return float((1 - torch.exp(draws * torch.log1p(-p_V.clamp_max(1 - 1e-12)))).sum())
+
+
 class Codebook(nn.Module):
     """V code vectors of dimension C, trained by gradient, seeded from data and kept alive.
 
