@@ -27,7 +27,7 @@ def test_batched_reconstruction_matches_one_pass_and_reports_progress():
     out = reconstruct(model, volumes, torch.device("cpu"), batch_size=2,
                       progress=lambda done, total: seen.append((done, total)))
     assert seen == [(2, 5), (4, 5), (5, 5)]
-    assert list(out) == ["RQ1+RQ2"] and out["RQ1+RQ2"].shape == (5, 64, 64, 64)
+    assert list(out) == ["RQ1+RQ2", "RQ2"] and out["RQ1+RQ2"].shape == (5, 64, 64, 64)
     whole = model.reconstruct(torch.from_numpy(volumes[:, None]))[:, 0].numpy()
     np.testing.assert_allclose(out["RQ1+RQ2"], whole, rtol=1e-4, atol=1e-4)
 

@@ -26,14 +26,15 @@ def test_report_on_a_corpus_split(tiny_corpus, small_checkpoints, tmp_path):
     assert "binarise" in markdown and "Ablation: RQ1 alone versus RQ1+RQ2" in markdown
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert [r["model"] for r in rows] == [
-        "swan (RQ1+RQ2)", "wavelet @ swan's bits", "dct @ swan's bits",
+        "swan (RQ1+RQ2)", "swan (RQ2)", "wavelet @ swan's bits", "dct @ swan's bits",
         "swan-rq1 (RQ1)", "wavelet @ swan-rq1's bits", "dct @ swan-rq1's bits"]
     # bits per map: the small presets' latents (7-bit indices), and streams within them
-    assert [r["bits_per_map"] for r in rows[::3]] == ["76622", "72527"]
+    assert [rows[i]["bits_per_map"] for i in (0, 1, 4)] == ["76622", "4095", "72527"]  # RQ2: 585 codes
     for row in rows:
-        budget = 76_622 if "swan's" in row["model"] or row["model"].startswith("swan (") else 72_527
+        budget = (76_622 if "swan's" in row["model"] or row["model"] == "swan (RQ1+RQ2)" else
+                  4_095 if row["model"] == "swan (RQ2)" else 72_527)
         assert int(row["bit_budget"]) == budget and 0 < float(row["bits_per_map"]) <= budget
-    assert rows[1]["budget_of"] == "swan (RQ1+RQ2)" and rows[1]["checkpoint"] == paths[0]
+    assert rows[2]["budget_of"] == "swan (RQ1+RQ2)" and rows[2]["checkpoint"] == paths[0]
     assert "| model | bits/map | MSE ↓" in markdown and "| swan (RQ1+RQ2) | 76,622 |" in markdown
 
     # the numbers are what the metrics module gives for these reconstructions
@@ -55,7 +56,7 @@ def test_report_on_a_corpus_split(tiny_corpus, small_checkpoints, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert "binarisation" in report and report["results"][0]["codebook_usage"]["rq1"]["size"] == 128
     assert len(report["results"][0]["fsc_mean"]) == 33
-    codec_row = report["results"][1]
+    codec_row = report["results"][2]
     assert (codec_row["variant"], codec_row["codebook_usage"]) == ("wavelet", {})
     assert codec_row["bit_budget"] == 76_622 and len(codec_row["fsc_mean"]) == 33
     assert "| wavelet @ swan's bits |" not in markdown.split("## Codebook usage")[1]

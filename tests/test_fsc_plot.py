@@ -194,12 +194,12 @@ def test_fsc_widget_shows_the_reconstruct_widgets_results(viewer_with_reconstruc
     qtbot.waitUntil(lambda: not reconstruct.jobs.running, timeout=60_000)
 
     results = [layer for layer in viewer.layers if "fsc" in layer.metadata]
-    assert len(results) == 2  # RQ1+RQ2 and RQ1 alone
+    assert len(results) == 3  # RQ1+RQ2, level 2's approximation (RQ2) and the RQ1-only control
     assert set(plot.curves()) == {f"{layer.name} vs input" for layer in results}
     texts = legend_texts(plot.figure)
-    assert len(texts) == 2 and all(" at 0.5, " in t and " at 0.143" in t for t in texts)
-    plot.add_pair_of(*results)  # both reconstructions lie on the same grid
-    assert len(legend_texts(plot.figure)) == 3
+    assert len(texts) == 3 and all(" at 0.5, " in t and " at 0.143" in t for t in texts)
+    plot.add_pair_of(*results[:2])  # the reconstructions lie on the same grid
+    assert len(legend_texts(plot.figure)) == 4
 
 
 def test_a_pair_on_different_grids_is_refused_with_the_reason(make_napari_viewer, qtbot,

@@ -37,6 +37,8 @@ def test_training_writes_the_run_folder(diffusion_run, small_checkpoints):
     assert config["autoencoder_id"] == checkpoint_id(small_checkpoints["swan"])
     validations = [json.loads(line) for line in (diffusion_run / "validation.jsonl").read_text().splitlines()]
     assert [v["step"] for v in validations] == [2, 4] and all(np.isfinite(v["loss"]) for v in validations)
+    # its own log columns, not the autoencoder trainer's
+    assert (diffusion_run / "train_log.csv").read_text().splitlines()[0] == "step,loss,volumes_per_s"
 
 
 def test_checkpoint_round_trips(loaded, tmp_path):
@@ -253,7 +255,8 @@ def test_snapping_follows_encode_for_every_decoder_design(decoder_input):
     from napari_cryoswan.preprocess import PreprocessSettings, preprocess
 
     torch.manual_seed(0)
-    model = build_model("swan", preset="small", decoder_input=decoder_input).eval()
+    model = build_model("swan", preset="small", decoder_input=decoder_input,
+                        approx_weight=float(decoder_input == "residual")).eval()
     x = torch.from_numpy(preprocess(blob_map(), PreprocessSettings()).data)[None, None]
     z, codes = encode_latents(model, x)
     snapped = snap_to_codes(model, z, codes)

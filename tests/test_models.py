@@ -19,6 +19,10 @@ from napari_cryoswan.models.swan import RQ1_SCALES, RQ2_SCALES, CryoSwan
 STRUCTURES = Path(__file__).parent / "data" / "structures"
 
 
+# Algorithm 1 read literally (the presets train the approximation design, docs/MODELS.md)
+LITERAL = {"decoder_input": "rq1", "approx_weight": 0.0}
+
+
 def small(name: str, seed: int = 0, **config):
     torch.manual_seed(seed)
     return build_model(name, preset="small", **config)
@@ -77,13 +81,14 @@ def test_the_rq1_ablation_is_one_level_of_the_same_class():
     x = volumes(1)
     assert list(rq1.encode(x).codes) == ["rq1"]
     assert list(rq1.reconstruction_variants(x)) == ["RQ1"]
-    assert list(full.reconstruction_variants(x)) == ["RQ1+RQ2"]
+    assert list(full.reconstruction_variants(x)) == ["RQ1+RQ2", "RQ2"]  # RQ2: the approximation
+    assert list(small("swan", **LITERAL).reconstruction_variants(x)) == ["RQ1+RQ2"]
 
 
 @pytest.mark.parametrize("decoder_input", ["residual", "both"])
 def test_both_levels_reach_the_reconstruction(decoder_input):
     torch.manual_seed(0)
-    model = build_model("swan", preset="small", decoder_input=decoder_input)
+    model = build_model("swan", preset="small", decoder_input=decoder_input, approx_weight=0.0)
     x = volumes(2)
     model(x).losses["total"].backward()  # seeds the codebooks
     assert all(p.grad is not None for p in model.quantizers[1].parameters() if p.requires_grad)
@@ -94,7 +99,7 @@ def test_both_levels_reach_the_reconstruction(decoder_input):
         swapped = {"rq1": codes["rq1"], "rq2": other["rq2"]}
         # RQ2's codes alone change the decoded map: the literal Algorithm 1 ignores them
         assert (model.decode_codes(swapped) - model.decode_codes(codes)).abs().max() > 1e-3
-    literal = small("swan")
+    literal = small("swan", **LITERAL)
     literal(x)
     literal.eval()
     with torch.no_grad():
@@ -116,7 +121,7 @@ def test_in_the_residual_design_rq1_quantizes_what_rq2_left():
 
 def test_level_dropout_gives_an_in_model_rq1_beside_rq1_plus_rq2():
     x = volumes(4)
-    model = seeded_swan(x, decoder_input="residual", level_dropout=0.5)
+    model = seeded_swan(x, decoder_input="residual", level_dropout=0.5, approx_weight=0.0)
     assert model.variants == ("RQ1+RQ2", "RQ1")
     variants = model.reconstruction_variants(x[:2])
     assert list(variants) == ["RQ1+RQ2", "RQ1"] and model.training  # the mode is restored
@@ -130,21 +135,21 @@ def test_level_dropout_gives_an_in_model_rq1_beside_rq1_plus_rq2():
     model.eval()
     assert model._drop_coarse(r_BCdhw, False).eq(1).all()
     # without level dropout no in-model RQ1 is offered: it would be decoded out of distribution
-    assert build_model("swan", preset="small", decoder_input="residual").variants == ("RQ1+RQ2",)
+    assert build_model("swan", preset="small", decoder_input="residual", approx_weight=0.0).variants == ("RQ1+RQ2",)
     with pytest.raises(ValueError, match="decoder_input"):
         build_model("swan", preset="small", decoder_input="sideways")
 
 
 def test_fine_dropout_makes_level_2_reconstruct_alone():
     x = volumes(2)
-    model = seeded_swan(x, decoder_input="residual", fine_dropout=0.5)
+    model = seeded_swan(x, decoder_input="residual", fine_dropout=0.5, approx_weight=0.0)
     assert model.variants == ("RQ1+RQ2", "RQ2")
     variants = model.reconstruction_variants(x)
     # "RQ2" decodes RQ2's prior alone: the first step of the by-scale decode that holds all of RQ2
     torch.testing.assert_close(variants["RQ2"], model.reconstructions_by_scale(x)["RQ2 8³"])
     assert (variants["RQ2"] - variants["RQ1+RQ2"]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="fine_dropout needs"):
-        build_model("swan", preset="small", fine_dropout=0.5)
+        build_model("swan", preset="small", fine_dropout=0.5, **LITERAL)
 
 
 def test_the_approximation_loss_asks_level_2_for_the_coarse_map():
@@ -173,8 +178,8 @@ def test_the_approximation_loss_asks_level_2_for_the_coarse_map():
     assert (variants["RQ2"] - variants["RQ1+RQ2"]).abs().max() > 1e-3
     # a level-1-only model, or the literal design, has no prior to ask
     with pytest.raises(ValueError, match="approx_weight"):
-        build_model("swan", preset="small", approx_weight=0.5)
-    assert "approx" not in small("swan", decoder_input="residual")(x).losses
+        build_model("swan", preset="small", decoder_input="rq1", approx_weight=0.5)
+    assert "approx" not in small("swan", decoder_input="residual", approx_weight=0.0)(x).losses
 
 
 def test_a_noise_aware_fine_tune_asks_the_approximation_of_the_clean_map():
@@ -201,7 +206,7 @@ def test_the_reconstruction_after_each_perception_scale_ends_at_the_full_one():
     torch.testing.assert_close(steps["RQ1 16³"], model.reconstruct(x))
     assert (steps["RQ2 1³"] - steps["RQ1 16³"]).abs().max() > 1e-3
     # the literal Algorithm 1 decodes level 1's codes only: its steps are RQ1's scales
-    assert list(small("swan").reconstructions_by_scale(x)) == [f"RQ1 {s}³" for s in RQ1_SCALES]
+    assert list(small("swan", **LITERAL).reconstructions_by_scale(x)) == [f"RQ1 {s}³" for s in RQ1_SCALES]
 
 
 def test_each_scales_code_map_covers_the_block_of_the_box_it_pooled():
@@ -690,6 +695,16 @@ def test_residual_norm_falls_scale_to_scale_at_initialisation_with_var_phi():
     # the energy is the squared norm's mean: the MSE (times C) between f and the sum of the codes
     torch.testing.assert_close(energies[-1], (f - out.f_hat_BCdhw).pow(2).sum(1).mean())
     assert torch.all(energies[1:] < energies[:-1]), energies
+
+
+def test_the_swan_presets_train_the_approximation_design():
+    for preset in ("small", "cpu", "full"):
+        config = model_config("swan", preset)
+        assert (config["decoder_input"], config["approx_weight"]) == ("residual", 1.0), preset
+    assert model_config("swan-rq1", "cpu")["approx_weight"] == 0.0  # one level: nothing to approximate
+    with pytest.raises(ValueError, match="set approx_weight=0 too"):  # the literal design says so
+        model_config("swan", "cpu", decoder_input="rq1")
+    assert model_config("swan", "cpu", **LITERAL)["decoder_input"] == "rq1"
 
 
 @pytest.mark.parametrize("name", ["swan", "swan-rq1", "vq", "rq", "var", "hq"])

@@ -47,7 +47,7 @@ def world_centre(layer):
 
 
 def check_result_layers(viewer, source, widget):
-    names = ["blobs RQ1+RQ2", "blobs RQ1 control", "blobs Δ RQ1+RQ2"]
+    names = ["blobs RQ1+RQ2", "blobs RQ2", "blobs RQ1 control", "blobs Δ RQ1+RQ2"]
     names = [n.replace("blobs", source.name) for n in names]
     assert [layer.name for layer in viewer.layers][1:] == names, widget.status.value
     for name in names:
@@ -62,10 +62,12 @@ def check_result_layers(viewer, source, widget):
         assert meta["checkpoint_id"] and meta["checkpoint"].endswith(".pt")
         assert tuple(meta["preprocessing"]["source_shape"]) == source.data.shape
     assert viewer.layers[names[0]].metadata["variant"] == "RQ1+RQ2"
-    assert viewer.layers[names[1]].metadata["variant"] == "RQ1 control"
-    assert viewer.layers[names[1]].metadata["model"] == "swan-rq1"
+    assert viewer.layers[names[1]].metadata["variant"] == "RQ2"  # level 2's approximation
+    assert "RQ2 is level 2 alone: the map's coarse approximation" in widget.status.value
+    assert viewer.layers[names[2]].metadata["variant"] == "RQ1 control"
+    assert viewer.layers[names[2]].metadata["model"] == "swan-rq1"
     assert "fsc" in viewer.layers[names[0]].metadata
-    difference = viewer.layers[names[2]]
+    difference = viewer.layers[names[3]]
     assert not difference.visible
 
 
@@ -168,7 +170,7 @@ def test_without_an_rq1_checkpoint_rq1_is_stated_not_run(qtbot, viewer_with_widg
     widget.layer.value = source
     widget.compare_rq1.value = False
     run_and_wait(qtbot, widget)
-    assert [layer.name for layer in viewer.layers] == ["blobs", "blobs RQ1+RQ2", "blobs Δ RQ1+RQ2"]
+    assert [layer.name for layer in viewer.layers] == ["blobs", "blobs RQ1+RQ2", "blobs RQ2", "blobs Δ RQ1+RQ2"]
     assert "RQ1 alone: not run" in widget.status.value
 
 

@@ -68,7 +68,7 @@ def test_two_checkpoints_give_rq1_and_rq1_rq2(small_checkpoints, make_blob_map):
     stages = []
     result = reconstruct_map(density, checkpoints, SETTINGS, torch.device("cpu"),
                              stage=lambda d, t, m: stages.append((d, t)))
-    assert [variant.variant for variant in result.variants] == ["RQ1+RQ2", "RQ1"]
+    assert [variant.variant for variant in result.variants] == ["RQ1+RQ2", "RQ2", "RQ1"]
     assert stages[0] == (0, 4) and stages[-1] == (4, 4)
     prepared = preprocess(density)
     for variant in result.variants:

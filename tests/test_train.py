@@ -152,7 +152,7 @@ def test_set_replaces_fields_of_the_preset_and_a_resume_must_repeat_it(tiny_corp
     changed = {"decoder_input": "residual", "level_dropout": 0.25}
     final = train(settings(tiny_corpus, tmp_path / "run", steps=3, overrides=changed), progress=False)
     loaded = load_checkpoint(final)
-    assert loaded.model.config.decoder_input == "residual" and loaded.model.variants == ("RQ1+RQ2", "RQ1")
+    assert loaded.model.config.decoder_input == "residual" and loaded.model.variants == ("RQ1+RQ2", "RQ1", "RQ2")
     assert loaded.provenance["overrides"] == changed
     with pytest.raises(RunFolderError, match="another configuration"):
         train(settings(tiny_corpus, tmp_path / "run", steps=4, resume=True), progress=False)

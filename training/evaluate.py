@@ -14,7 +14,8 @@ Each model is followed by textbook codecs given the same bits per map as its lat
 decoded and scored like the model's reconstructions, so the report shows what the learned latent
 buys over a classical coder (``napari_cryoswan.codecs``). ``--codec-fractions 1 0.25`` adds rows
 at fractions of that budget. The "bits/map" column holds the latent's bits for a model
-(``codecs.model_bits``) and the mean size of the real streams for a codec.
+(``codecs.latent_bits`` over its levels; a single-level variant such as "RQ2" counts its level's
+alone) and the mean size of the real streams for a codec.
 
 Per-volume metrics are averaged over the volumes. The FSC resolutions are read off the mean FSC
 curve over the volumes (as a figure of FSC curves shows them), at the thresholds 0.5 and 0.143.
@@ -86,7 +87,7 @@ class ModelResult:
     codebook_usage: dict
     fsc_resolutions: dict[str, Resolution] = field(default_factory=dict)
     fsc_per_map: dict[str, dict[str, int]] = field(default_factory=dict)
-    # bits per map: a model's latent (``codecs.model_bits``), a codec's streams (their mean);
+    # bits per map: a model's latent (``codecs.latent_bits``), a codec's streams (their mean);
     # a codec was given ``bit_budget``, a fraction of the bits of the model row ``budget_of``
     bits: float | None = None
     bit_budget: int | None = None
@@ -165,15 +166,18 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
         # several checkpoints of one model: each row names its run
         shown = f"{_checkpoint_tag(path)}: {name}" if model_names.count(name) > 1 else name
         progress(f"evaluating {path} ({name}) on {len(volumes)} volumes")
-        bits = _latent_bits(loaded.model, loaded.contract.box)
+        level_bits = _latent_bits(loaded.model, loaded.contract.box)
+        bits = sum(level_bits.values()) if level_bits is not None else None
         scores, curves = evaluate_volumes(loaded.model, volumes, voxel_size, session.device,
                                           batch_size)
         usage = loaded.model.codebook_usage()
         model_rows = []
         for variant, scored in scores.items():
             label = f"{shown} ({variant})" if variant != name else shown
+            # a single-level variant ("RQ2", the in-model "RQ1") decodes that level's codes only
+            used = level_bits.get(variant.lower(), bits) if level_bits is not None else None
             model_rows.append(_result(label, variant, name, path, loaded.checkpoint_id, scored,
-                                      curves[variant], usage, bits=bits, bit_budget=bits))
+                                      curves[variant], usage, bits=used, bit_budget=used))
         results += model_rows
         for codec_name in codecs if bits is not None else ():
             codec = get_codec(codec_name)
@@ -209,12 +213,13 @@ def _result(label, variant, model, path, checkpoint_id, scored, curve, usage, **
                        fsc_per_map={c: scored[f"{c}_per_map"] for c in FSC_COLUMNS}, **bits)
 
 
-def _latent_bits(model, box: int) -> int | None:
-    """The bits of a model's latent per map; None for an object that is not an Autoencoder."""
-    from napari_cryoswan.codecs import model_bits
+def _latent_bits(model, box: int) -> dict[str, int] | None:
+    """The bits of each level of a model's latent per map; None for an object that is not an
+    Autoencoder."""
+    from napari_cryoswan.codecs import latent_bits
     from napari_cryoswan.models.base import Autoencoder
 
-    return model_bits(model, box) if isinstance(model, Autoencoder) else None
+    return latent_bits(model, box) if isinstance(model, Autoencoder) else None
 
 
 class VolumeSource:

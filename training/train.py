@@ -469,10 +469,10 @@ def _log_row(step: int, terms: dict, rate: float) -> dict:
     return row
 
 
-def _append_csv(path: Path, row: dict) -> None:
+def _append_csv(path: Path, row: dict, fields: tuple[str, ...] = LOG_FIELDS) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -483,14 +483,14 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_logs(out: Path, step: int) -> None:
+def _truncate_logs(out: Path, step: int, fields: tuple[str, ...] = LOG_FIELDS) -> None:
     """Drop log lines a killed run wrote after its last checkpoint; they are about to be redone."""
     log = out / "train_log.csv"
     if log.exists():
         with open(log, newline="") as f:
             rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
         with atomic_path(log) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
     val = out / "validation.jsonl"

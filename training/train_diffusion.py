@@ -18,7 +18,7 @@ run of another autoencoder or another model configuration.
 Run folder:
     config.json        the settings, autoencoder id, corpus id
     latents.pt         the encoded corpus (cache), keyed by autoencoder id and corpus id
-    train_log.csv      step, loss, latents/s
+    train_log.csv      step, loss, volumes_per_s (latents per second)
     validation.jsonl   per validation: step, loss (EMA weights)
     last.pt            the latest checkpoint, with training state
     model.pt           the final EMA weights (what training.generate loads)
@@ -194,7 +194,7 @@ def train(settings: DiffusionTrainSettings, progress: bool = True) -> Path:
         model.load_state_dict(state["weights"])
         optimizer.load_state_dict(state["optimizer"])
         start_step, best_val = int(state["step"]), float(state.get("best_val", math.inf))
-        _truncate_logs(out, start_step)
+        _truncate_logs(out, start_step, LOG_FIELDS)
         _record_resume(out, settings, start_step)
     else:
         write_json_atomic(out / "config.json", {
@@ -227,7 +227,8 @@ def train(settings: DiffusionTrainSettings, progress: bool = True) -> Path:
             optimizer.step()
             _update_ema(ema, model, min(settings.ema, (1 + step) / (10 + step)))
             rate = len(ids) / (time.perf_counter() - tic)
-            _append_csv(out / "train_log.csv", {"step": step, "loss": loss.item(), "volumes_per_s": round(rate, 3)})
+            _append_csv(out / "train_log.csv", {"step": step, "loss": loss.item(), "volumes_per_s": round(rate, 3)},
+                        LOG_FIELDS)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             bar.update(1)
             if len(val_z) and (step % settings.val_every == 0 or step == settings.steps):

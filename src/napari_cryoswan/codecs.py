@@ -96,15 +96,6 @@ def latent_bits(model, box: int = 64) -> dict[str, int]:
     return bits
 
 
-def model_bits(model, box: int = 64) -> int:
-    """The information budget of a model's latent per map: every level's codes, in bits.
-
-    Cryo-SWAN counts RQ1 and RQ2 (its latent holds both, though its decoder reads RQ1 only);
-    the continuous VAEs count 32 bits per latent float. See ``latent_bits``.
-    """
-    return sum(latent_bits(model, box).values())
-
-
 # --------------------------------------------------------------------------------------------
 # The codecs
 

@@ -42,20 +42,22 @@ _LIVE = {"dead_ema": 0.99, "dead_below": 0.01, "kmeans_after": 100}
 # VAR's φ: half identity, half conv, four convs shared across the scales by position.
 _VAR_PHI = {"phi_mix": 0.5, "phi_shared": 4}
 _SWAN = {**_LIVE, **_VAR_PHI}
+# Cryo-SWAN's two levels as approximation plus detail (docs/MODELS.md, "Level 2 as the
+# approximation"): Algorithm 1 read literally leaves RQ2 without information. Two-level presets only.
+_APPROX = {"decoder_input": "residual", "approx_weight": 1.0}
 
 _SMALL_VQ = {"widths": (8, 16), "blocks": 1, "code_dim": 8, "codebook_size": 128}
-# What a 2-core CPU trains in about an hour: a quarter of the full widths, one block per stage,
-# and the paper's 4096 codes per level (a training step at batch 4 costs about 1.2× the step with
-# 1024 codes, docs/MODELS.md). The bundled checkpoints were trained with 1024 codes and the
-# legacy codebooks; their stored configs say so.
+# The bundled models' preset: a quarter of the full widths, one block per stage, and the paper's
+# 4096 codes per level (a training step at batch 4 costs about 1.2× the step with 1024 codes,
+# docs/MODELS.md).
 _CPU_SWAN = {"widths": (16, 64, 128), "blocks": 1, "code_dim": 16, "codebook_size": PAPER_CODEBOOK_SIZE}
 
 # name → (model class, config class, preset name → config fields)
 _REGISTRY: dict[str, tuple[type[Autoencoder], type, dict[str, dict]]] = {
     "swan": (CryoSwan, SwanConfig, {
-        "full": _SWAN,
-        "small": {"widths": (8, 16, 32), "blocks": 1, "code_dim": 8, "codebook_size": 128, **_SWAN},
-        "cpu": {**_CPU_SWAN, **_SWAN},
+        "full": {**_SWAN, **_APPROX},
+        "small": {"widths": (8, 16, 32), "blocks": 1, "code_dim": 8, "codebook_size": 128, **_SWAN, **_APPROX},
+        "cpu": {**_CPU_SWAN, **_SWAN, **_APPROX},
     }),
     "swan-rq1": (CryoSwan, SwanConfig, {
         "full": {"scales": (RQ1_SCALES,), "widths": (32, 128), **_SWAN},

@@ -92,7 +92,8 @@ class SwanConfig:
         if self.fine_dropout and self.decoder_input == "rq1":
             raise ValueError("fine_dropout needs a decoder that reads level 2 (decoder_input 'residual' or 'both')")
         if self.approx_weight < 0 or (self.approx_weight and self.decoder_input != "residual"):
-            raise ValueError("approx_weight is a non-negative weight for decoder_input 'residual'")
+            raise ValueError("approx_weight is a non-negative weight for decoder_input 'residual' (the swan "
+                             "presets set it to 1: with another decoder_input, set approx_weight=0 too)")
         self.scales = tuple(tuple(s) for s in self.scales)
         self.widths = tuple(self.widths)
         if len(self.widths) != len(self.scales) + 1:
@@ -187,17 +188,9 @@ class CryoSwan(Autoencoder):
             losses["approx"] = approx
         return losses
 
-    def approximation(self, x: torch.Tensor) -> torch.Tensor:
-        """Level 2's approximation of x (``approx_weight``), upsampled to x's grid: the in-model
-        "RQ2" of a model trained for it.
-
-        Shape: x (B, 1, D, H, W) → (B, 1, D, H, W)
-        """
-        with evaluating(self), torch.inference_mode():
-            return self._upsampled_approximation(self._quantize_levels(self._encode_levels(x))[0], x)
-
     @staticmethod
     def _upsampled_approximation(levels, x: torch.Tensor) -> torch.Tensor:
+        """Level 2's approximation (``approx_weight``) upsampled to x's grid: the in-model "RQ2"."""
         return F.interpolate(levels["rq1"]["approximation"], size=x.shape[-3:], mode="trilinear", align_corners=False)
 
     def encode(self, x: torch.Tensor) -> Encoding:

@@ -74,6 +74,9 @@ class ReconstructWidget(ModelJobWidget):
             dims.set_current_step(0, len(result.by_scale.labels) - 1)  # the full map first
             self._name_scale_step()
         status = "Done: " + ", ".join(layer.name for layer in added)
+        if any(v.variant == "RQ2" for v in result.variants):
+            status += (". RQ2 is level 2 alone: the map's coarse approximation (on a grid 4× coarser), "
+                       "to which RQ1's codes add the detail")
         if not any(v.variant.startswith("RQ1") and "+" not in v.variant for v in result.variants):
             status += (". RQ1 alone: not run (this checkpoint does not decode level 1 alone, and no "
                        "RQ1 control checkpoint was chosen).")
