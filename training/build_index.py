@@ -426,16 +426,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def _interrupt_on_sigterm() -> None:
-    """`kill` stops a build the way Ctrl-C does: it says how to resume."""
-    import signal
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, interrupt)
-
-
 if __name__ == "__main__":
+    from training.train import _interrupt_on_sigterm  # `kill` stops a build as Ctrl-C does
+
     _interrupt_on_sigterm()
     sys.exit(main())

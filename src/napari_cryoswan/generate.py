@@ -58,7 +58,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, InputContract, checkpoint_file, checkpoint_id
+from .checkpoint import (FORMAT, FORMAT_VERSION, CheckpointError, InputContract, _first_line, checkpoint_file,
+                         checkpoint_id)
 from .engine import Cancelled, Progress, StopCheck
 from .io import DensityMap
 
@@ -392,11 +393,6 @@ def diffusion_beside(autoencoder_path: str | os.PathLike, *, shown_as: str | Non
             f"  python -m training.train_diffusion --autoencoder {shown_as} --corpus CORPUS --out RUN\n"
             f"then choose RUN/model.pt as the diffusion checkpoint (--checkpoint on the command line).")
     return found
-
-
-def _first_line(err: Exception) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 # ---- latents, snapping, decoding ---------------------------------------------------------
