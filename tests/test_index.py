@@ -367,6 +367,20 @@ def test_damaged_or_missing_files_give_clear_errors(built, small_checkpoints, tm
     with pytest.raises(LatentIndexError, match="damaged metadata"):
         open_index(index)
 
+    index = damaged("rows_without_fields")
+    rows = json.loads((index / "shards" / "00000.rows.json").read_text())
+    del rows["rows"][0]["voxel_size"]
+    (index / "shards" / "00000.rows.json").write_text(json.dumps(rows))
+    with pytest.raises(LatentIndexError, match="a row lacks fields"):
+        open_index(index)
+
+    index = damaged("shard_outside")
+    manifest = json.loads((index / "manifest.json").read_text())
+    manifest["shards"][0]["name"] = "../../elsewhere"
+    (index / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(LatentIndexError, match="names a shard '../../elsewhere', not five digits"):
+        open_index(index)
+
     with pytest.raises(LatentIndexError, match="no manifest.json"):
         open_index(tmp_path)
 

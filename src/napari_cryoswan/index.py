@@ -720,6 +720,9 @@ def _load_array(path: Path, name: str, what: str) -> np.ndarray:
 
 
 def _load_rows(path: Path, name: str) -> list[dict]:
+    if not _SHARD_NAME.match(str(name)):  # a manifest must not point outside shards/
+        raise LatentIndexError(f"{path}: its manifest names a shard {name!r}, not five digits. The index "
+                               f"is damaged: rebuild it with {BUILD_COMMAND}.")
     file = _shard_file(path, name, "rows")
     try:
         rows = json.loads(file.read_text())["rows"]
@@ -728,6 +731,10 @@ def _load_rows(path: Path, name: str) -> list[dict]:
                                f"rebuild the index ({BUILD_COMMAND}).") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise LatentIndexError(f"{file}: damaged metadata ({err}). Rebuild the index with {BUILD_COMMAND}.") from err
+    incomplete = next((row for row in rows if not isinstance(row, dict) or not set(ROW_FIELDS) <= set(row)), None)
+    if incomplete is not None:
+        raise LatentIndexError(f"{file}: a row lacks fields of {ROW_FIELDS} ({str(incomplete)[:80]}). The index "
+                               f"is damaged: rebuild it with {BUILD_COMMAND}.")
     return rows
 
 
