@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cryoswan._atomic import atomic_path
+from napari_cryoswan._atomic import atomic_path, write_json_atomic
 
 FORMAT = "cryoswan-corpus"
 FORMAT_VERSION = 1
@@ -291,14 +291,6 @@ def compute_corpus_id(manifest: dict) -> str:
     ]
     text = json.dumps(portable, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON beside ``path`` and rename it into place: readers never see half a file."""
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 class CorpusWriter:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cryoswan._atomic import atomic_path
+from napari_cryoswan._atomic import atomic_path, write_text_atomic
 from napari_cryoswan.codecs import CODEC_NAMES
 from napari_cryoswan.metrics import (
     BEYOND_THE_BOX,
@@ -267,7 +267,7 @@ class VolumeSource:
 
 def write_report(results: list[ModelResult], out: Path, description: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "report.json", json.dumps({
+    write_text_atomic(out / "report.json", json.dumps({
         "data": description, "binarisation": BINARISATION, "intensity_scale": INTENSITY_SCALE,
         "results": [r.to_json() for r in results]}, indent=2))
     with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -285,7 +285,7 @@ def write_report(results: list[ModelResult], out: Path, description: str) -> Non
                              *(r.fsc_resolutions[c].kind for c in FSC_COLUMNS),
                              "" if r.bits is None else f"{r.bits:.6g}",
                              "" if r.bit_budget is None else r.bit_budget, r.budget_of or ""])
-    _write_atomic(out / "report.md", _markdown(results, description))
+    write_text_atomic(out / "report.md", _markdown(results, description))
     _plot_fsc(results, out / "fsc.png")
     _plot_usage(results, out / "codebook_usage.png")
 
@@ -448,11 +448,6 @@ def _plot_usage(results: list[ModelResult], path: Path) -> None:
 def _save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=150, format=path.suffix.lstrip("."))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        f.write(text)
 
 
 def main(argv=None) -> int:

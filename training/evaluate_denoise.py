@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_cryoswan._atomic import atomic_path
+from napari_cryoswan._atomic import atomic_path, write_text_atomic
 from napari_cryoswan.denoise import GAUSSIAN_SIGMAS, METHODS
 from napari_cryoswan.session import DEVICES
 
@@ -220,9 +220,9 @@ def check_out_folder(out: Path, settings: dict, overwrite: bool) -> None:
 
 def write_report(out: Path, report: dict, slices: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "report.json", json.dumps(report, indent=2))
-    _write_text(out / "report.csv", _csv(report["methods"]))
-    _write_text(out / "report.md", _markdown(report))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_text_atomic(out / "report.csv", _csv(report["methods"]))
+    write_text_atomic(out / "report.md", _markdown(report))
     _plot_psnr(report["methods"], out / "psnr.png")
     for key, by_row in slices.items():
         _plot_slices(by_row, key, out / f"slices_snr{key}.png")
@@ -347,11 +347,6 @@ def _plot_slices(by_row: dict, key: str, path: Path) -> None:
 def _save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -72,7 +72,7 @@ def run(args) -> Path:
     from napari_cryoswan.generate import generate_variants
     from napari_cryoswan.io import read_map, write_map
     from napari_cryoswan.metrics import correlation, fsc
-    from training.corpus import write_json_atomic
+    from napari_cryoswan._atomic import write_json_atomic
 
     diffusion, autoencoder = _checkpoints(args)
     anchor_path = Path(args.anchor)

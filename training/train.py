@@ -54,7 +54,8 @@ import numpy as np
 
 from napari_cryoswan._atomic import atomic_path
 from training._defaults import dataclass_defaults
-from training.corpus import CorpusSet, write_json_atomic
+from napari_cryoswan._atomic import write_json_atomic
+from training.corpus import CorpusSet
 
 LOG_FIELDS = ("step", "loss", "recon", "commit", "kl", "volumes_per_s")
 VALIDATION_NOISE_STREAM = 2**32 - 1  # seeds validation noise apart from every training step (a step number)

@@ -38,7 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from napari_cryoswan._atomic import atomic_path
-from training.corpus import CorpusSet, write_json_atomic
+from napari_cryoswan._atomic import write_json_atomic
+from training.corpus import CorpusSet
 from training.train import (RunFolderError, run_command, _append_csv, _append_jsonl, _check_run_folder,
                             _interrupt_on_sigterm, _lock_run_folder, _progress_bar, _record_resume,
                             _truncate_logs)

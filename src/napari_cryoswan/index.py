@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._atomic import atomic_path
+from ._atomic import atomic_path, write_json_atomic
 from .embedding import RECIPE as EMBEDDING_RECIPE
 
 FORMAT = "cryoswan-index"
@@ -683,10 +683,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    with atomic_path(path / MANIFEST) as tmp, open(tmp, "w") as fh:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_json_atomic(path / MANIFEST, manifest)
 
 
 def _shard_file(path: Path, name: str, what: str) -> Path:
