@@ -60,6 +60,8 @@ from typing import Callable, Iterable, Literal
 
 import numpy as np
 
+from .preprocess import zscored
+
 Progress = Callable[[int, int], None]
 Weighting = Literal["density", "binary"]
 
@@ -95,7 +97,7 @@ def raw_voxels(box: np.ndarray, *, downsample: int = 2) -> np.ndarray:
         blocks = [n // downsample for n in data.shape]
         data = data.reshape(blocks[0], downsample, blocks[1], downsample, blocks[2],
                             downsample).mean(axis=(1, 3, 5))
-    return _zscored(data).ravel().astype(np.float32)
+    return zscored(data).ravel().astype(np.float32)
 
 
 # --- radial power spectrum ---------------------------------------------------------------------
@@ -116,7 +118,7 @@ def radial_power_spectrum(box: np.ndarray, *, shells: int = 32) -> np.ndarray:
     """
     from scipy import fft
 
-    data = _zscored(_checked_box(box))
+    data = zscored(_checked_box(box))
     if shells < 1 or shells > min(data.shape) // 2:
         raise ValueError(f"shells must be between 1 and half the shortest box edge "
                          f"({min(data.shape) // 2} for a {data.shape} box), not {shells}: "
@@ -395,7 +397,3 @@ def _checked_box(box: np.ndarray) -> np.ndarray:
     if not data.std() > 0:
         raise ValueError("The box is constant: it has no shape to describe.")
     return data
-
-
-def _zscored(data: np.ndarray) -> np.ndarray:
-    return (data - data.mean()) / data.std()

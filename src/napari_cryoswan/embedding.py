@@ -35,6 +35,8 @@ from typing import Callable
 
 import numpy as np
 
+from .preprocess import zscored
+
 RECIPE = "pose-shells-2"  # 2: shells pooled by mean and s.d. (1: mean only)
 PREFILTER_SIGMA = 1.5  # voxels
 CONTOUR_SDS = 1.0  # density kept above mean + this many s.d.
@@ -56,8 +58,8 @@ def canonical_box(box: np.ndarray, *, sigma: float = PREFILTER_SIGMA,
     """The pre-filtered density above its contour, z-scored."""
     from scipy.ndimage import gaussian_filter
 
-    data = _zscored(gaussian_filter(np.asarray(box, np.float64), sigma))
-    return _zscored(np.where(data > contour_sds, data, 0.0)).astype(np.float32)
+    data = zscored(gaussian_filter(np.asarray(box, np.float64), sigma))
+    return zscored(np.where(data > contour_sds, data, 0.0)).astype(np.float32)
 
 
 def principal_pose(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +109,7 @@ def degraded_copy(box: np.ndarray, rng: np.random.Generator, *, blur: float = 1.
     turned = gaussian_filter(rotate(np.asarray(box, np.float32), random_rotations(1, rng)[0]), blur)
     noisy = add_noise(turned, rng.uniform(*snr), rng).astype(np.float64)
     level = noisy.mean() + rng.uniform(*contour_sds) * noisy.std()
-    return _zscored(np.where(noisy > level, noisy, 0.0)).astype(np.float32)
+    return zscored(np.where(noisy > level, noisy, 0.0)).astype(np.float32)
 
 
 # --- 3. shell pooling ------------------------------------------------------------------------
@@ -298,10 +300,3 @@ class Embedder:
         if self.head is None:
             return features.astype(np.float32)
         return self.head.apply(torch.from_numpy(features)).astype(np.float32)
-
-
-def _zscored(data: np.ndarray) -> np.ndarray:
-    std = data.std()
-    if not std > 0:
-        raise ValueError("The map is constant: there is no density to embed.")
-    return (data - data.mean()) / std

@@ -407,6 +407,14 @@ def random_rotations(n: int, rng: np.random.Generator) -> list[np.ndarray]:
     return list(Rotation.random(n, random_state=rng).as_matrix().reshape(n, 3, 3))
 
 
+def zscored(data: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance, in the input's precision; a constant map is refused."""
+    std = data.std()
+    if not std > 0:
+        raise ValueError("The map is constant: there is no density to use.")
+    return (data - data.mean()) / std
+
+
 def normalise(data: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Zero mean, unit variance. Returns (data, mean, std)."""
     mean, std = float(data.mean()), float(data.std())
