@@ -122,6 +122,13 @@ class LayerJobRunner:
             event.connect(bump)
 
 
+def density_layers(viewer) -> list:
+    """The viewer's density maps: three-dimensional image layers that are not RGB pictures."""
+    from napari.layers import Image
+
+    return [layer for layer in viewer.layers if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb]
+
+
 def typed_path(field: FileEdit) -> str:
     """The path as the user left it: an emptied field is '', not the working directory that
     ``FileEdit.value`` turns it into."""
@@ -300,10 +307,7 @@ class ModelJobWidget(Container):
         self.concerns.visible = bool(concerns)
 
     def _image_layers(self, widget=None) -> list:
-        from napari.layers import Image
-
-        return [layer for layer in self.viewer.layers
-                if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb]
+        return density_layers(self.viewer)
 
     def _refresh_layers(self, event=None) -> None:
         self.layer.reset_choices()

@@ -35,7 +35,7 @@ from qtpy.QtWidgets import QSizePolicy, QVBoxLayout, QWidget
 
 from ..session import Session
 from ._canvas import PlotCanvas, ThemeColors
-from ._jobs import LayerJobRunner, typed_path
+from ._jobs import LayerJobRunner, density_layers, typed_path
 
 MAX_OPEN = 16  # layers opened at once by a hub or a selection
 DEFAULT_K = 8
@@ -517,10 +517,7 @@ class ExplorerWidget(QWidget):
         return (float(extents[:, 0, 0].min()), float(extents[:, 0, 1].min()), float(extents[:, 1, 2].max()) + gap)
 
     def _image_layers(self, widget=None) -> list:
-        from napari.layers import Image
-
-        return [layer for layer in self.viewer.layers
-                if isinstance(layer, Image) and layer.ndim == 3 and not layer.rgb]
+        return density_layers(self.viewer)
 
     def _layers_changed(self, event=None) -> None:
         self.query_layer.reset_choices()

@@ -14,6 +14,7 @@ from magicgui.widgets import ComboBox, Container, PushButton
 from qtpy.QtWidgets import QFileDialog, QVBoxLayout, QWidget
 
 from ._canvas import PlotCanvas, ThemeColors
+from ._jobs import density_layers
 
 
 MAX_DRAWN = 6
@@ -54,9 +55,7 @@ class FSCWidget(QWidget):
         self._layers_changed()
 
     def _image_layers(self, widget=None) -> list:
-        from napari.layers import Image
-
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and layer.ndim == 3]
+        return density_layers(self.viewer)
 
     def curves(self) -> dict[str, dict]:
         """The curves of the visible reconstruction layers, then the user's pairs (what the
