@@ -25,27 +25,34 @@ import numpy as np
 
 
 def view_features(embedder, corpus, indices, *, degraded: int, seed: int, progress=None):
-    """(features (M, F), class labels (M,)) of each map's clean view and ``degraded`` copies."""
+    """(features (M, F), class labels (M,), split groups (M,)) of each map's clean view and
+    ``degraded`` copies: a class is an entry, a group the structure its entry belongs to."""
     from napari_cryoswan.embedding import degraded_copy
 
     rng = np.random.default_rng(seed)
-    features, labels = [], []
+    features, labels, groups = [], [], []
     for done, i in enumerate(indices, start=1):
         box = corpus.load(int(i))
         views = [box] + [degraded_copy(box, rng) for _ in range(degraded)]
         features.append(embedder.features(np.stack(views), batch_size=len(views)))
         labels += [corpus.samples[int(i)]["entry_id"]] * len(views)
+        groups += [corpus.samples[int(i)]["group"]] * len(views)
         if progress is not None:
             progress(done, len(indices))
-    return np.concatenate(features), np.unique(labels, return_inverse=True)[1]
+    return (np.concatenate(features), np.unique(labels, return_inverse=True)[1],
+            np.unique(groups, return_inverse=True)[1])
 
 
 def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: str, steps: int = 600,
-             temperature: float = 0.1, jitter: float = 0.1, seed: int = 0, provenance: dict | None = None):
+             temperature: float = 0.1, jitter: float = 0.1, seed: int = 0, groups_M: np.ndarray | None = None,
+             sibling_weight: float = 1.0, provenance: dict | None = None):
     """An ``EmbeddingHead`` fitted by full-batch supervised contrastive learning.
 
     ``jitter``: Gaussian noise added to the standardised features at each step, a cheap
-    augmentation on top of the degraded views.
+    augmentation on top of the degraded views. ``sibling_weight`` β weighs, in each view's
+    softmax, the views of other entries of its own group (``groups_M``: the sub-assemblies of one
+    structure, which may differ by one chain) β times as much as unrelated maps: hard negatives,
+    which the degraded copies otherwise teach the head to merge.
     """
     import torch
 
@@ -61,9 +68,17 @@ def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: s
     net = build_head_network(x_MF.shape[1])
     optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
     self_mask = torch.eye(len(x_MF), dtype=torch.bool)
+    log_weight_MM = torch.zeros(len(x_MF), len(x_MF))
+    if sibling_weight != 1.0:
+        if groups_M is None:
+            raise ValueError("sibling_weight needs the views' groups.")
+        groups = torch.from_numpy(np.asarray(groups_M))
+        siblings = (groups[:, None] == groups[None]) & (labels[:, None] != labels[None])
+        log_weight_MM = log_weight_MM.masked_fill(siblings, float(np.log(sibling_weight)))
     for _ in range(steps):
         e_MD = torch.nn.functional.normalize(net(x_MF + jitter * torch.randn_like(x_MF)), dim=1)
-        log_p = (e_MD @ e_MD.T / temperature).masked_fill(self_mask, -1e9).log_softmax(1)
+        logits = e_MD @ e_MD.T / temperature + log_weight_MM
+        log_p = logits.masked_fill(self_mask, -1e9).log_softmax(1)
         loss = (-(log_p * positives).sum(1) / positives.sum(1)).mean()
         optimiser.zero_grad()
         loss.backward()
@@ -81,6 +96,9 @@ def parse_args(argv=None):
     p.add_argument("--split", default="train", choices=("train", "val", "test"))
     p.add_argument("--degraded", type=int, default=1, help="degraded copies per map (default 1)")
     p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--sibling-weight", type=float, default=1.0,
+                   help="weight of other entries of a map's own structure among its negatives (default 1: "
+                        "as any other map)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="the head file to write (NAME.embedding.pt beside the checkpoint)")
     p.add_argument("--overwrite", action="store_true")
@@ -112,13 +130,13 @@ def main(argv=None) -> int:
     indices = corpus.split_indices(args.split)
     start = time.perf_counter()
     with tqdm(total=len(indices), desc="encoding views", unit="map") as bar:
-        features, labels = view_features(embedder, corpus, indices, degraded=args.degraded, seed=args.seed,
-                                         progress=lambda done, total: bar.update(1))
+        features, labels, groups = view_features(embedder, corpus, indices, degraded=args.degraded,
+                                                 seed=args.seed, progress=lambda done, total: bar.update(1))
     provenance = {"corpus_id": corpus.corpus_id, "split": args.split, "maps": len(indices),
                   "classes": int(labels.max() + 1), "degraded": args.degraded, "steps": args.steps,
-                  "seed": args.seed, "checkpoint_file": loaded.path.name}
+                  "seed": args.seed, "sibling_weight": args.sibling_weight, "checkpoint_file": loaded.path.name}
     head = fit_head(features, labels, autoencoder_id=loaded.checkpoint_id, steps=args.steps, seed=args.seed,
-                    provenance=provenance)
+                    groups_M=groups, sibling_weight=args.sibling_weight, provenance=provenance)
     save_head(args.out, head, overwrite=args.overwrite)
     print(f"{args.out}: head {head.head_id} for checkpoint {loaded.checkpoint_id}, {len(features)} views of "
           f"{provenance['classes']} shapes, final loss {head.provenance['final_loss']:.3f}, "
