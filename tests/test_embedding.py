@@ -233,3 +233,19 @@ def test_train_embedding_writes_a_head_that_the_embedder_uses(tiny_corpus, small
     embedder = Embedder.for_checkpoint(load_checkpoint(checkpoint))
     vectors = embedder.embed(np.stack([_asymmetric(20), _asymmetric(21)]))
     assert vectors.shape == (2, head.out) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_views_cache_trains_the_next_head_without_encoding_again(tiny_corpus, small_checkpoints, tmp_path,
+                                                                   monkeypatch, capsys):
+    cache, encoded = tmp_path / "views.npz", []
+    encode = train_embedding.view_features
+    monkeypatch.setattr(train_embedding, "view_features", lambda *a, **k: encoded.append(1) or encode(*a, **k))
+    args = ["--checkpoint", str(small_checkpoints["swan"]), "--corpus", str(tiny_corpus), "--steps", "2",
+            "--device", "cpu", "--views-cache", str(cache)]
+    assert train_embedding.main([*args, "--out", str(tmp_path / "a.embedding.pt")]) == 0
+    assert train_embedding.main([*args, "--out", str(tmp_path / "b.embedding.pt"), "--sibling-weight", "3"]) == 0
+    assert len(encoded) == 1 and cache.is_file()  # the second head read the views
+    first, second = (load_head(tmp_path / f"{n}.embedding.pt") for n in "ab")
+    assert first.provenance["maps"] == second.provenance["maps"] and second.provenance["sibling_weight"] == 3.0
+    assert train_embedding.main([*args, "--out", str(tmp_path / "c.embedding.pt"), "--degraded", "2"]) == 0
+    assert len(encoded) == 2 and "other settings: encoding them again" in capsys.readouterr().err

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -41,6 +42,27 @@ def view_features(embedder, corpus, indices, *, degraded: int, seed: int, progre
             progress(done, len(indices))
     return (np.concatenate(features), np.unique(labels, return_inverse=True)[1],
             np.unique(groups, return_inverse=True)[1])
+
+
+def cached_view_features(cache: Path | None, key: dict, compute):
+    """``compute()``'s (features, labels, groups), kept in the ``.npz`` file ``cache`` under
+    ``key`` (the checkpoint, corpus, split, copies and seed that made them): a head variant
+    (another ``--sibling-weight``, ``--steps``) then trains in seconds instead of re-encoding
+    every view. A cache of another key is encoded again and replaced, and says so."""
+    import json
+
+    from napari_cryoswan._atomic import atomic_path
+
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as stored:
+            if json.loads(str(stored["key"])) == key:
+                return stored["features"], stored["labels"], stored["groups"]
+        print(f"{cache} holds the views of other settings: encoding them again.", file=sys.stderr)
+    views = compute()
+    if cache is not None:
+        with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, key=json.dumps(key, sort_keys=True), features=views[0], labels=views[1], groups=views[2])
+    return views
 
 
 def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: str, steps: int = 600,
@@ -100,6 +122,8 @@ def parse_args(argv=None):
                    help="weight of other entries of a map's own structure among its negatives (default 1: "
                         "as any other map)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--views-cache", type=Path, default=None,
+                   help="an .npz file that keeps the encoded views for the next head of the same settings")
     p.add_argument("--out", required=True, help="the head file to write (NAME.embedding.pt beside the checkpoint)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -107,12 +131,10 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from pathlib import Path
-
     from tqdm import tqdm
 
     from napari_cryoswan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-    from napari_cryoswan.embedding import Embedder, save_head
+    from napari_cryoswan.embedding import RECIPE, Embedder, save_head
     from napari_cryoswan.engine import choose_device
     from training.corpus import CorpusError, CorpusSet
 
@@ -129,9 +151,15 @@ def main(argv=None) -> int:
     embedder = Embedder(loaded.model, None, device=choose_device(args.device))
     indices = corpus.split_indices(args.split)
     start = time.perf_counter()
-    with tqdm(total=len(indices), desc="encoding views", unit="map") as bar:
-        features, labels, groups = view_features(embedder, corpus, indices, degraded=args.degraded,
-                                                 seed=args.seed, progress=lambda done, total: bar.update(1))
+
+    def encode():
+        with tqdm(total=len(indices), desc="encoding views", unit="map") as bar:
+            return view_features(embedder, corpus, indices, degraded=args.degraded, seed=args.seed,
+                                 progress=lambda done, total: bar.update(1))
+
+    key = {"checkpoint_id": loaded.checkpoint_id, "corpus_id": corpus.corpus_id, "split": args.split,
+           "degraded": args.degraded, "seed": args.seed, "recipe": RECIPE}
+    features, labels, groups = cached_view_features(args.views_cache, key, encode)
     provenance = {"corpus_id": corpus.corpus_id, "split": args.split, "maps": len(indices),
                   "classes": int(labels.max() + 1), "degraded": args.degraded, "steps": args.steps,
                   "seed": args.seed, "sibling_weight": args.sibling_weight, "checkpoint_file": loaded.path.name}
