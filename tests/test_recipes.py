@@ -190,6 +190,7 @@ def test_latent_recipe_fits_every_dependant_to_the_autoencoder_given_and_goes_on
     assert by_kind["head"][by_kind["head"].index("--checkpoint") + 1] == str(placed)
     assert [Path(c).name for c in by_kind["head"][by_kind["head"].index("--corpus") + 1:][:2]] == [
         "corpus_default", "corpus_assemblies"]
+    assert by_kind["head"][by_kind["head"].index("--views-cache") + 1] == str(work / "latent" / "embedding_views.npz")
     assert "--resume" in by_kind["diffusion"]
     assert by_kind["calibrate"][by_kind["calibrate"].index("--autoencoder") + 1] == str(placed)
     assert by_kind["train"][by_kind["train"].index("--init") + 1] == str(placed)  # not bundled:swan

@@ -10,7 +10,8 @@ new ``swan.pt`` ships only together with all four. This recipe builds them into
 1. builds (or resumes) the protein and large-complex corpora with ``training.recipes.default_corpus``;
 2. copies CKPT to ``WORK/latent/swan.pt`` (a folder holding another autoencoder is refused);
 3. trains its embedding head on both corpora's training splits (``training.train_embedding``)
-   into ``swan.embedding.pt``;
+   into ``swan.embedding.pt``, keeping the encoded views in ``embedding_views.npz`` for head
+   variants;
 4. trains the latent diffusion model on the protein corpus (``training.train_diffusion``, the
    ``cpu`` preset, 2,000 steps) and calibrates its strength (``training.calibrate_diffusion``)
    into ``swan.diffusion.pt``;
@@ -70,7 +71,8 @@ def build_files(autoencoder: Path, corpus: Path, large: Path, folder: Path, devi
     code = 0
     if not head.is_file():
         code = train_embedding.main(["--checkpoint", str(autoencoder), "--corpus", str(corpus), str(large),
-                                     "--out", str(head), *device])
+                                     "--views-cache", str(folder / "embedding_views.npz"), "--out", str(head),
+                                     *device])
     if not code and not diffusion.is_file():
         run = folder / "diffusion"
         if not (run / "model.pt").is_file():
