@@ -32,3 +32,28 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise OSError("disk full")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_the_writers_built_on_it_replace_whole_files(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from napari_cryoswan._atomic import copy_atomic, write_json_atomic, write_text_atomic
+
+    write_json_atomic(tmp_path / "a.json", {"x": [1, 2]})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
+    write_text_atomic(tmp_path / "b.csv", "h\r\nv\r\n")
+    assert (tmp_path / "b.csv").read_bytes() == b"h\r\nv\r\n"  # a CSV's line endings kept
+    copy_atomic(tmp_path / "a.json", tmp_path / "c.json")
+    assert (tmp_path / "c.json").read_bytes() == (tmp_path / "a.json").read_bytes()
+
+    def half_a_copy(source, target):
+        with open(target, "w") as f:
+            f.write("{")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copyfile", half_a_copy)
+    with pytest.raises(OSError, match="disk full"):
+        copy_atomic(tmp_path / "b.csv", tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text()) == {"x": [1, 2]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.csv", "c.json"]

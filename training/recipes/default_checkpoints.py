@@ -26,6 +26,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from napari_cryoswan._atomic import copy_atomic
 from training import evaluate, train
 from training.recipes import default_corpus
 
@@ -103,7 +104,7 @@ def main(argv=None) -> int:
                                     *(["--install"] if args.install else [])])
     if code or not args.install:
         return code
-    shutil.copyfile(finals[1], PACKAGE_CHECKPOINTS / "swan-rq1.pt")
+    copy_atomic(finals[1], PACKAGE_CHECKPOINTS / "swan-rq1.pt")
     print(f"Installed swan-rq1 into {PACKAGE_CHECKPOINTS}")
     return 0
 

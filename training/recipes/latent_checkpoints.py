@@ -23,7 +23,8 @@ new ``swan.pt`` ships only together with all four. This recipe builds them into
    pass it only when you mean to replace the shipped files.
 
 Each step is skipped when its output is there, and the training runs resume, so a killed recipe
-goes on when the same command is run again. The benchmarks that judge the result are listed in
+goes on when the same command is run again (a killed ``--install`` too: every file is written
+atomically, and running it again writes them all). The benchmarks that judge the result are listed in
 docs/CHECKPOINTS.md.
 """
 
@@ -33,6 +34,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from napari_cryoswan._atomic import copy_atomic
 from training import build_index, calibrate_diffusion, train_diffusion, train_embedding
 from training.recipes.default_checkpoints import (PACKAGE_CHECKPOINTS, protein_corpora, recipe_parser,
                                                   train_or_resume)
@@ -58,9 +60,7 @@ def place_autoencoder(autoencoder: str, folder: Path) -> Path:
                                   "choose another --work, or remove that folder.")
         return target
     folder.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".pt.partial")
-    shutil.copyfile(source, partial)
-    partial.replace(target)
+    copy_atomic(source, target)
     return target
 
 
@@ -92,7 +92,7 @@ def build_files(autoencoder: Path, corpus: Path, large: Path, folder: Path, devi
 def install(folder: Path, corpus: Path, device: list[str]) -> int:
     """Step 6: the four files into the package, then the bundled index built from them."""
     for name in ("swan.pt", "swan.embedding.pt", "swan.diffusion.pt"):
-        shutil.copyfile(folder / name, PACKAGE_CHECKPOINTS / name)
+        copy_atomic(folder / name, PACKAGE_CHECKPOINTS / name)
     install_half(folder / "swan-denoiser" / "model.pt", PACKAGE_CHECKPOINTS / "swan-denoiser.pt")
     index = folder / "index"
     if index.exists():  # it may hold an older autoencoder's codes: build it again from the installed one
