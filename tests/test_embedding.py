@@ -150,6 +150,8 @@ def test_weighing_siblings_as_harder_negatives_pushes_them_apart():
     assert separation(4.0) > 1.08 * separation(1.0)  # 8.99 against 7.64 when written
     with pytest.raises(ValueError, match="groups"):
         train_embedding.fit_head(features, labels, autoencoder_id="x", steps=1, sibling_weight=2.0)
+    with pytest.raises(ValueError, match="positive weight"):
+        train_embedding.fit_head(features, labels, autoencoder_id="x", steps=1, groups_M=groups, sibling_weight=0.0)
 
 
 def test_the_head_brings_views_of_one_shape_together_and_round_trips(swan, tmp_path):
@@ -249,3 +251,6 @@ def test_a_views_cache_trains_the_next_head_without_encoding_again(tiny_corpus, 
     assert first.provenance["maps"] == second.provenance["maps"] and second.provenance["sibling_weight"] == 3.0
     assert train_embedding.main([*args, "--out", str(tmp_path / "c.embedding.pt"), "--degraded", "2"]) == 0
     assert len(encoded) == 2 and "other settings: encoding them again" in capsys.readouterr().err
+    cache.write_bytes(b"PK\x03\x04 cut short")  # a damaged cache is encoded again, not a crash
+    assert train_embedding.main([*args, "--out", str(tmp_path / "d.embedding.pt"), "--degraded", "2"]) == 0
+    assert len(encoded) == 3 and "cannot be read" in capsys.readouterr().err

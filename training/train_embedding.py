@@ -50,14 +50,18 @@ def cached_view_features(cache: Path | None, key: dict, compute):
     (another ``--sibling-weight``, ``--steps``) then trains in seconds instead of re-encoding
     every view. A cache of another key is encoded again and replaced, and says so."""
     import json
+    import zipfile
 
     from napari_cryoswan._atomic import atomic_path
 
     if cache is not None and cache.is_file():
-        with np.load(cache, allow_pickle=False) as stored:
-            if json.loads(str(stored["key"])) == key:
-                return stored["features"], stored["labels"], stored["groups"]
-        print(f"{cache} holds the views of other settings: encoding them again.", file=sys.stderr)
+        try:
+            with np.load(cache, allow_pickle=False) as stored:
+                if json.loads(str(stored["key"])) == key:
+                    return stored["features"], stored["labels"], stored["groups"]
+            print(f"{cache} holds the views of other settings: encoding them again.", file=sys.stderr)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # not an .npz of ours
+            print(f"{cache} cannot be read ({err}): encoding the views again.", file=sys.stderr)
     views = compute()
     if cache is not None:
         with atomic_path(cache) as tmp, open(tmp, "wb") as fh:
@@ -90,6 +94,8 @@ def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: s
     net = build_head_network(x_MF.shape[1])
     optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
     self_mask = torch.eye(len(x_MF), dtype=torch.bool)
+    if not sibling_weight > 0:
+        raise ValueError(f"sibling_weight is a positive weight, not {sibling_weight}.")
     log_weight_MM = torch.zeros(len(x_MF), len(x_MF))
     if sibling_weight != 1.0:
         if groups_M is None:
