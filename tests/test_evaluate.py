@@ -132,3 +132,28 @@ def test_a_corpus_of_another_geometry_is_refused(tiny_corpus, tmp_path, capsys):
     assert main(["--checkpoints", str(path), "--corpus", str(tiny_corpus), "--out",
                  str(tmp_path / "r"), "--device", "cpu"]) == 2
     assert "trained on 64³ at 2 Å" in capsys.readouterr().err
+
+
+def test_runs_that_differ_only_in_their_seed_are_summarised_as_mean_and_sd(tiny_corpus, tmp_path):
+    import torch
+
+    from napari_cryoswan.checkpoint import save_checkpoint
+    from napari_cryoswan.models.registry import build_model
+
+    def run(name, seed, step=10):
+        torch.manual_seed(seed)
+        return str(save_checkpoint(tmp_path / f"{name}.pt", build_model("swan-rq1", preset="small"),
+                                   {"seed": seed, "step": step, "corpus_id": "c0"}))
+
+    paths = [run("s0", 0), run("s1", 1), run("s2", 2), run("longer", 3, step=20)]
+    out = tmp_path / "report"
+    assert main(["--checkpoints", *paths, "--corpus", str(tiny_corpus), "--out", str(out),
+                 "--device", "cpu", "--codecs"]) == 0
+    rows = {r["model"]: r for r in csv.DictReader(open(out / "report.csv"))}
+    psnr = [float(rows[f"s{s}: swan-rq1 (RQ1)"]["psnr"]) for s in range(3)]
+    section = (out / "report.md").read_text().split("## Over seeds: mean ± s.d.")[1]
+    summary = [line for line in section.splitlines() if line.startswith("| swan-rq1")]
+    assert len(summary) == 1  # the run of another step is not one of the seeds
+    cells = [c.strip() for c in summary[0].split("|")[1:-1]]
+    assert cells[1] == "0, 1, 2"
+    assert cells[3] == f"{np.mean(psnr):.4g} ± {np.std(psnr, ddof=1):.2g}"

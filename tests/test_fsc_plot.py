@@ -113,7 +113,7 @@ def test_the_report_prints_resolutions_without_a_crossing_as_such(monkeypatch, t
                "RQ1": rng.normal(size=volumes.shape).astype(np.float32)}  # unrelated to the input
     monkeypatch.setattr(engine, "reconstruct", lambda model, v, **kwargs: outputs)
     fake = SimpleNamespace(model=FakeModel(), contract=checkpoint.InputContract(16, 4.0),
-                           checkpoint_id="abc")
+                           checkpoint_id="abc", provenance={})
     monkeypatch.setattr(Session, "checkpoint", lambda self, path: fake)
     results = evaluate.evaluate_checkpoints(["swan.pt"], lambda contract: volumes, "cpu",
                                             progress=lambda m: None)

@@ -6,7 +6,8 @@
 or ``--maps FOLDER`` to evaluate on a folder of maps (each preprocessed with the one pipeline).
 Writes ``report.md``, ``report.csv`` and ``report.json`` (MSE, PSNR, SSIM, IoU, F1, and the FSC
 resolution at 0.5 and 0.143 in Å, per model), ``fsc.png`` (the mean FSC curve of each model),
-``codebook_usage.png`` (fraction of codes used per level), and, when both a two-level and an
+``codebook_usage.png`` (fraction of codes used per level), the mean ± s.d. over seeds of runs
+that differ only in their training seed, and, when both a two-level and an
 RQ1-only Cryo-SWAN are given, the RQ1 versus RQ1+RQ2 ablation.
 
 Each model is followed by textbook codecs given the same bits per map as its latent
@@ -92,6 +93,10 @@ class ModelResult:
     bits: float | None = None
     bit_budget: int | None = None
     budget_of: str | None = None
+    # a trained model's seed, and its training recipe without the seed: rows that share a
+    # recipe and variant but not a seed are summarised as mean ± s.d. over seeds
+    seed: int | None = None
+    recipe: str | None = None
 
     def to_json(self) -> dict:
         return {**self.__dict__,
@@ -171,13 +176,15 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
         scores, curves = evaluate_volumes(loaded.model, volumes, voxel_size, session.device,
                                           batch_size)
         usage = loaded.model.codebook_usage()
+        seed, recipe = _seed_and_recipe(loaded)
         model_rows = []
         for variant, scored in scores.items():
             label = f"{shown} ({variant})" if variant != name else shown
             # a single-level variant ("RQ2", the in-model "RQ1") decodes that level's codes only
             used = level_bits.get(variant.lower(), bits) if level_bits is not None else None
             model_rows.append(_result(label, variant, name, path, loaded.checkpoint_id, scored,
-                                      curves[variant], usage, bits=used, bit_budget=used))
+                                      curves[variant], usage, bits=used, bit_budget=used,
+                                      seed=seed, recipe=recipe))
         results += model_rows
         for codec_name in codecs if bits is not None else ():
             codec = get_codec(codec_name)
@@ -200,6 +207,18 @@ def _checkpoint_tag(path) -> str:
     """A short name for a checkpoint: its run folder for a run's model.pt / best.pt / last.pt."""
     path = Path(str(path))
     return path.parent.name if path.name in ("model.pt", "best.pt", "last.pt") else path.stem
+
+
+def _seed_and_recipe(loaded) -> tuple[int | None, str | None]:
+    """A checkpoint's training seed and everything else that defines its run (the model's config,
+    the corpus and the step), or (None, None) for a checkpoint that does not record its seed."""
+    provenance = loaded.provenance
+    if provenance.get("seed") is None:
+        return None, None
+    config = getattr(loaded.model, "config", None)
+    recipe = {"model": loaded.model.name, "config": repr(config), "corpus_id": provenance.get("corpus_id"),
+              "step": provenance.get("step")}
+    return int(provenance["seed"]), json.dumps(recipe, sort_keys=True)
 
 
 def _result(label, variant, model, path, checkpoint_id, scored, curve, usage, **bits):
@@ -308,9 +327,37 @@ def _markdown(results: list[ModelResult], description: str) -> str:
               "resolution: the best in a column takes the first as the Nyquist limit and the "
               "second as worse than any crossing.", ""]
     lines += _fsc_per_map(results)
+    lines += _seed_spread(results)
     lines += _ablation(results)
     lines += _usage_table(results)
     return "\n".join(lines) + "\n"
+
+
+def _seed_spread(results: list[ModelResult]) -> list[str]:
+    """Mean ± sample s.d. over the seeds of one recipe, per variant. An FSC column averages only
+    crossings: where a seed's curve has none, the column lists each seed's value instead."""
+    groups: dict[tuple, list[ModelResult]] = {}
+    for r in results:
+        if r.recipe is not None and r.budget_of is None:
+            groups.setdefault((r.recipe, r.variant), []).append(r)
+    groups = {key: rows for key, rows in groups.items() if len({r.seed for r in rows}) > 1}
+    if not groups:
+        return []
+    lines = ["## Over seeds: mean ± s.d.", "",
+             "| model | seeds | " + " | ".join(_column_title(c) for c in METRIC_COLUMNS) + " |",
+             "|---" * (len(METRIC_COLUMNS) + 2) + "|"]
+    for rows in groups.values():
+        cells = []
+        for c in METRIC_COLUMNS:
+            values = [r.metrics[c] for r in rows]
+            if any(v is None for v in values):
+                cells.append(", ".join(_cell(r, c) for r in rows))
+            else:
+                cells.append(f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}")
+        name = f"{rows[0].model} ({rows[0].variant})" if rows[0].variant != rows[0].model else rows[0].model
+        lines.append(f"| {name} | {', '.join(str(r.seed) for r in rows)} | " + " | ".join(cells) + " |")
+    return lines + ["", "Rows of one recipe (the model's config, corpus and step) that differ only "
+                    "in their training seed; s.d. is the sample standard deviation.", ""]
 
 
 def _ablation(results: list[ModelResult]) -> list[str]:
