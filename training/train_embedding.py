@@ -84,6 +84,8 @@ def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: s
 
     from napari_cryoswan.embedding import EmbeddingHead, build_head_network
 
+    if not sibling_weight > 0:
+        raise ValueError(f"sibling_weight is a positive weight, not {sibling_weight}.")
     torch.manual_seed(seed)
     mean, std = features_MF.mean(0), features_MF.std(0) + 1e-6
     x_MF = torch.from_numpy((features_MF - mean) / std).float()
@@ -94,8 +96,6 @@ def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: s
     net = build_head_network(x_MF.shape[1])
     optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
     self_mask = torch.eye(len(x_MF), dtype=torch.bool)
-    if not sibling_weight > 0:
-        raise ValueError(f"sibling_weight is a positive weight, not {sibling_weight}.")
     log_weight_MM = torch.zeros(len(x_MF), len(x_MF))
     if sibling_weight != 1.0:
         if groups_M is None:
