@@ -143,7 +143,10 @@ def methods(loaded, head_path=None, ablations: bool = False) -> dict:
 
 def ranked(queries_ND, gallery_MD, excluded_QM, k: int = 5) -> np.ndarray:
     """(Q, k) gallery rows nearest to each query, leaving out the excluded ones."""
-    distances = ((queries_ND[:, None, :] - gallery_MD[None]) ** 2).sum(-1)
+    # A few queries at a time, so that raw voxels against a gallery of hundreds fit in memory.
+    chunk = max(1, int(5e7 // (gallery_MD.shape[0] * gallery_MD.shape[1])))
+    distances = np.concatenate([((queries_ND[i:i + chunk, None, :] - gallery_MD[None]) ** 2).sum(-1)
+                                for i in range(0, len(queries_ND), chunk)])
     distances[excluded_QM] = np.inf
     return np.argsort(distances, axis=1)[:, :k]
 
@@ -185,12 +188,29 @@ def comparisons(result: dict, rng) -> list[dict]:
     for form in ("clean", "hard", "experiment", "structure"):
         if f"{form}_hits" not in ours:
             continue
-        clusters = result["entries_of_structure_queries" if form == "structure" else "entries_of_queries"]
+        clusters = result.get(f"entries_of_{form}_queries", result["entries_of_queries"])
         anchors = [r for r in result["rows"] if r["method"] in ANCHORS and f"{form}_hits" in r]
         best = max(anchors, key=lambda r: r[f"{form}_top1"])
         difference, low, high = paired_difference(ours[f"{form}_hits"], best[f"{form}_hits"], clusters, rng)
         found.append({"form": form, "anchor": best["method"], "difference": difference, "low": low, "high": high})
     return found
+
+
+def report_comparisons(result: dict, seed: int) -> list[dict]:
+    """``comparisons``, printed."""
+    found = comparisons(result, np.random.default_rng(seed))
+    if found:
+        print("\nSWAN embedding minus the best descriptor of each form, top-1, with a 95 % interval "
+              f"(entries resampled {RESAMPLES}×):\n")
+        for c in found:
+            print(f"- {c['form']}: {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] against {c['anchor']}")
+    return found
+
+
+def add_experiment_arguments(parser, help_text: str) -> None:
+    parser.add_argument("--experiment", action="store_true", help=help_text)
+    parser.add_argument("--built-in", default=None, help="the folder the corpus was built in, when its "
+                        "manifest's source paths do not resolve from here")
 
 
 def misses(queries_ND, gallery_MD, labels, excluded_QM) -> dict[str, int]:
@@ -281,7 +301,8 @@ def table(result: dict) -> str:
     for r in result["rows"]:
         rates = " | ".join(f"{r[f'{form}_top1']:.2f} | {r[f'{form}_top5']:.2f}" for form in forms)
         structure = f"{r['structure_top1']:.2f}" if "structure_top1" in r else "–"
-        lines.append(f"| {r['method']} | {r['dim']} | {rates} | {structure} | {r['ms_per_map']:.0f} |")
+        timed = f"{r['ms_per_map']:.0f}" if np.isfinite(r["ms_per_map"]) else "–"  # – : not timed here
+        lines.append(f"| {r['method']} | {r['dim']} | {rates} | {structure} | {timed} |")
     return "\n".join(lines)
 
 
@@ -295,11 +316,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ablations", action="store_true",
                    help="also the embedding recipe without its pose step, and without its canonical density")
-    p.add_argument("--experiment", action="store_true",
-                   help="also queries simulated again from each entry's atomic model (another voxel size, "
-                        "resolution and orientation)")
-    p.add_argument("--built-in", default=None,
-                   help="the folder the corpus was built in, when its manifest's source paths do not resolve from here")
+    add_experiment_arguments(p, "also queries simulated again from each entry's atomic model (another voxel "
+                                "size, resolution and orientation)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     env = environment(args)
@@ -314,12 +332,7 @@ def main(argv=None) -> int:
                     continue
                 found = ", ".join(f"{pair} ({count}×)" for pair, count in r[f"{form}_misses"].items()) or "none"
                 print(f"\nSWAN embedding, {form} top-1 misses: {found}")
-    result["comparisons"] = comparisons(result, np.random.default_rng(args.seed))
-    if result["comparisons"]:
-        print("\nSWAN embedding minus the best descriptor of each form, top-1, with a 95 % interval "
-              f"(entries resampled {RESAMPLES}×):\n")
-        for c in result["comparisons"]:
-            print(f"- {c['form']}: {c['difference']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}] against {c['anchor']}")
+    result["comparisons"] = report_comparisons(result, args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps({**env, **result}, indent=1))
     return 0

@@ -254,3 +254,21 @@ def test_a_views_cache_trains_the_next_head_without_encoding_again(tiny_corpus, 
     cache.write_bytes(b"PK\x03\x04 cut short")  # a damaged cache is encoded again, not a crash
     assert train_embedding.main([*args, "--out", str(tmp_path / "d.embedding.pt"), "--degraded", "2"]) == 0
     assert len(encoded) == 3 and "cannot be read" in capsys.readouterr().err
+
+
+def test_training_views_are_drawn_again_the_same_for_a_seed(tiny_corpus, small_checkpoints):
+    from training.corpus import Corpus
+
+    corpus = Corpus(tiny_corpus)
+    indices = corpus.split_indices("train")[:3]
+    first = list(train_embedding.training_views(corpus, indices, degraded=2, seed=5))
+    again = list(train_embedding.training_views(corpus, indices, degraded=2, seed=5))
+    other = list(train_embedding.training_views(corpus, indices, degraded=2, seed=6))
+    assert [b.shape for b, _, _ in first] == [(3, *corpus.load(int(indices[0])).shape)] * 3
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, again))  # the same copies: a cache stays valid
+    assert not np.array_equal(first[0][0][1], other[0][0][1])  # another seed, other degraded copies
+    assert np.array_equal(first[0][0][0], corpus.load(int(indices[0])))  # the clean view comes first
+    embedder = Embedder(load_checkpoint(small_checkpoints["swan"]).model, None, device=torch.device("cpu"))
+    features, labels, _ = train_embedding.view_features(embedder, corpus, indices, degraded=2, seed=5)
+    assert np.allclose(features[:3], embedder.features(first[0][0], batch_size=3), atol=1e-5)
+    assert len(labels) == 9 and len(set(labels[:3])) == 1

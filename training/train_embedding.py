@@ -25,23 +25,39 @@ from pathlib import Path
 import numpy as np
 
 
-def view_features(embedder, corpus, indices, *, degraded: int, seed: int, progress=None):
-    """(features (M, F), class labels (M,), split groups (M,)) of each map's clean view and
-    ``degraded`` copies: a class is an entry, a group the structure its entry belongs to."""
+def training_views(corpus, indices, *, degraded: int, seed: int):
+    """Each map's boxes (its clean view, then ``degraded`` copies), entry id and structure group,
+    map by map: the views a head is trained on, drawn the same way for a given seed."""
     from napari_cryoswan.embedding import degraded_copy
 
     rng = np.random.default_rng(seed)
-    features, labels, groups = [], [], []
-    for done, i in enumerate(indices, start=1):
+    for i in indices:
         box = corpus.load(int(i))
-        views = [box] + [degraded_copy(box, rng) for _ in range(degraded)]
-        features.append(embedder.features(np.stack(views), batch_size=len(views)))
-        labels += [corpus.samples[int(i)]["entry_id"]] * len(views)
-        groups += [corpus.samples[int(i)]["group"]] * len(views)
+        sample = corpus.samples[int(i)]
+        yield np.stack([box] + [degraded_copy(box, rng) for _ in range(degraded)]), sample["entry_id"], sample["group"]
+
+
+def view_features(embedder, corpus, indices, *, degraded: int, seed: int, progress=None):
+    """(features (M, F), class labels (M,), split groups (M,)) of each map's clean view and
+    ``degraded`` copies: a class is an entry, a group the structure its entry belongs to."""
+    features, labels, groups = [], [], []
+    views = training_views(corpus, indices, degraded=degraded, seed=seed)
+    for done, (boxes, entry, group) in enumerate(views, start=1):
+        features.append(embedder.features(boxes, batch_size=len(boxes)))
+        labels += [entry] * len(boxes)
+        groups += [group] * len(boxes)
         if progress is not None:
             progress(done, len(indices))
     return (np.concatenate(features), np.unique(labels, return_inverse=True)[1],
             np.unique(groups, return_inverse=True)[1])
+
+
+def views_key(loaded, corpus, split: str, *, degraded: int, seed: int) -> dict:
+    """What encoded views depend on: a views cache of another key is encoded again."""
+    from napari_cryoswan.embedding import RECIPE
+
+    return {"checkpoint_id": loaded.checkpoint_id, "corpus_id": corpus.corpus_id, "split": split,
+            "degraded": degraded, "seed": seed, "recipe": RECIPE}
 
 
 def cached_view_features(cache: Path | None, key: dict, compute):
@@ -140,7 +156,7 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from napari_cryoswan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-    from napari_cryoswan.embedding import RECIPE, Embedder, save_head
+    from napari_cryoswan.embedding import Embedder, save_head
     from napari_cryoswan.engine import choose_device
     from training.corpus import CorpusError, CorpusSet
 
@@ -163,8 +179,7 @@ def main(argv=None) -> int:
             return view_features(embedder, corpus, indices, degraded=args.degraded, seed=args.seed,
                                  progress=lambda done, total: bar.update(1))
 
-    key = {"checkpoint_id": loaded.checkpoint_id, "corpus_id": corpus.corpus_id, "split": args.split,
-           "degraded": args.degraded, "seed": args.seed, "recipe": RECIPE}
+    key = views_key(loaded, corpus, args.split, degraded=args.degraded, seed=args.seed)
     features, labels, groups = cached_view_features(args.views_cache, key, encode)
     provenance = {"corpus_id": corpus.corpus_id, "split": args.split, "maps": len(indices),
                   "classes": int(labels.max() + 1), "degraded": args.degraded, "steps": args.steps,
