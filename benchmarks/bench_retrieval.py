@@ -51,6 +51,7 @@ import platform
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -124,14 +125,9 @@ def methods(loaded, head_path=None, ablations: bool = False) -> dict:
     from napari_cryoswan.descriptors import describe_boxes
     from napari_cryoswan.embedding import Embedder
 
-    found = {
-        "raw voxels": lambda b: describe_boxes("raw_voxels", b),
-        "radial spectrum": lambda b: describe_boxes("radial_power_spectrum", b),
-        "3-D Zernike": lambda b: describe_boxes("zernike", b),
-        "3-D Zernike σ2": lambda b: describe_boxes("zernike_prefiltered", b),
-        "pooled latent": pooled_latent_embedder(loaded.model),
-        "SWAN shells": Embedder(loaded.model, None).embed,
-    }
+    found = {name: partial(describe_boxes, function) for name, function in DESCRIPTORS.items()}
+    found["pooled latent"] = pooled_latent_embedder(loaded.model)
+    found["SWAN shells"] = Embedder(loaded.model, None).embed
     if ablations:  # what steps 1 and 2 of the recipe buy, without the head
         found["SWAN shells, no pose"] = Embedder(loaded.model, None, steps=("canonical",)).embed
         found["SWAN shells, no canonical density"] = Embedder(loaded.model, None, steps=("pose",)).embed
@@ -223,7 +219,10 @@ def misses(queries_ND, gallery_MD, labels, excluded_QM) -> dict[str, int]:
 # Latent features have arbitrary units per channel: each is scaled by its spread over the clean
 # maps, so that no channel's units decide the distance (the embedding's head standardises its
 # input itself). The descriptors are compared as their authors define them.
-ANCHORS = ("raw voxels", "radial spectrum", "3-D Zernike", "3-D Zernike σ2")  # the model-free descriptors
+# The model-free descriptors: each method's name and its name in napari_cryoswan.descriptors.
+DESCRIPTORS = {"raw voxels": "raw_voxels", "radial spectrum": "radial_power_spectrum",
+               "3-D Zernike": "zernike", "3-D Zernike σ2": "zernike_prefiltered"}
+ANCHORS = tuple(DESCRIPTORS)
 STANDARDISED = ("pooled latent", "SWAN shells", "SWAN shells, no pose", "SWAN shells, no canonical density")
 
 

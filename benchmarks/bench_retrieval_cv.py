@@ -43,11 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_retrieval import (  # noqa: E402
-    add_experiment_arguments, environment, experiment_copies, hits, record_form, report_comparisons, standardised,
-    table)
-
-DESCRIPTORS = {"raw voxels": "raw_voxels", "radial spectrum": "radial_power_spectrum",
-               "3-D Zernike": "zernike", "3-D Zernike σ2": "zernike_prefiltered"}
+    DESCRIPTORS, add_experiment_arguments, environment, experiment_copies, hits, record_form, report_comparisons,
+    standardised, table)
 
 
 def descriptor_views(corpus, indices, *, seed: int) -> tuple[dict, dict]:
