@@ -257,11 +257,14 @@ def test_curation_filters_retries_verifies_and_respects_the_rate_limit(fake_emdb
         rows = {r["emdb_id"]: r for r in csv.DictReader(fh)}
     assert set(rows) == KEEPABLE and float(rows["EMD-1001"]["contour"]) == pytest.approx(0.2)
     assert not list((tmp_path / "dl" / "maps").glob(".*.tmp"))  # no partial download left
-    # The rate limit: the client never sends two requests closer than 1/rate, and the server saw
-    # them arrive over at least (n - 1)/rate (with slack for the network).
+    # The rate limit: every request waited its turn, and the server saw them arrive over at least
+    # (n - 1)/rate (with slack for the network). The exact spacing is test_rate_limiter_spaces_calls'
+    # job: here the fake server shares the GIL, which can delay one call by a few ms after the
+    # limiter let it go, so a single gap is only held to half the interval (unlimited calls to the
+    # local server come 1-2 ms apart).
     interval = 1 / settings.requests_per_second
     assert len(request_times) == len(fake_emdb.log)
-    assert np.diff(request_times).min() >= interval - 1e-3
+    assert np.diff(request_times).min() >= interval / 2
     arrivals = sorted(t for t, _ in fake_emdb.log)
     assert arrivals[-1] - arrivals[0] >= (len(arrivals) - 1) * interval - 0.02
 
