@@ -50,6 +50,27 @@ def test_a_rotated_copy_is_posed_like_its_original():
     assert _correlation(posed_box(original), posed_box(turned)) > 0.95
 
 
+def _trimer(size: int = 64) -> np.ndarray:
+    """A C3 oligomer: three subunits (a blob and a smaller one beside it, so the ring has a
+    hand) around an axis, and a cap on one side of the ring. Its two in-plane spreads are equal."""
+    grid = np.indices((size,) * 3).astype(np.float32) - size / 2
+    box = np.exp(-((grid - np.array([6.0, 0, 0])[:, None, None, None]) ** 2).sum(0) / (2 * 3.0**2))
+    for turn in (0, 2 * np.pi / 3, 4 * np.pi / 3):
+        for radius, offset, width, weight in ((11.0, 0.0, 3.5, 1.0), (12.0, 0.6, 2.5, 0.6)):
+            centre = np.array([0.0, radius * np.cos(turn + offset), radius * np.sin(turn + offset)])
+            box += weight * np.exp(-((grid - centre[:, None, None, None]) ** 2).sum(0) / (2 * width**2))
+    return (box - box.mean()) / box.std()
+
+
+def test_a_symmetric_oligomer_is_posed_alike_in_any_orientation():
+    """Its inertia axes in the ring's plane are arbitrary: the ring's harmonic fixes the turn."""
+    original = _trimer()
+    posed = [posed_box(rotate(original, _turn(seed))) for seed in range(4)]
+    assert min(_correlation(posed[0], other) for other in posed[1:]) > 0.95
+    _, axes = principal_pose(original)
+    assert np.linalg.det(axes) == pytest.approx(1.0) and abs(axes[2] @ [1.0, 0, 0]) > 0.99  # ring axis last
+
+
 def test_the_pose_is_a_proper_rotation_with_axes_by_spread():
     centre, axes = principal_pose(_asymmetric(2))
     assert np.allclose(axes @ axes.T, np.eye(3), atol=1e-8) and np.linalg.det(axes) == pytest.approx(1.0)

@@ -10,9 +10,10 @@ The recipe, for one 64³ preprocessed box:
    Zernike anchor gets).
 2. **Pose** (``principal_pose``): the density is moved so that its centre of mass sits at the
    box centre and its inertia axes lie along z, y, x (largest spread first); each axis points
-   to the side with the positive third moment. The encoder's positional encoding makes its
-   features depend on where density lies, so without this a rotated copy looks like another
-   map.
+   to the side with the positive third moment. Where a symmetric oligomer leaves two spreads
+   equal, its strongest angular harmonic about the third axis sets the turn instead. The
+   encoder's positional encoding makes its features depend on where density lies, so without
+   this a rotated copy looks like another map.
 3. **Shell pooling** (``shell_features``): each level's continuous latent, pooled over
    concentric shells about the box centre (6 shells at 16³, 4 at 8³) by its mean and its
    standard deviation: invariant to any pose error left about the centre, it still keeps where
@@ -37,7 +38,7 @@ import numpy as np
 
 from .preprocess import zscored
 
-RECIPE = "pose-shells-2"  # 2: shells pooled by mean and s.d. (1: mean only)
+RECIPE = "pose-shells-3"  # 3: oligomers posed by their harmonic; 2: shells pooled by mean and s.d.
 PREFILTER_SIGMA = 1.5  # voxels
 CONTOUR_SDS = 1.0  # density kept above mean + this many s.d.
 SHELLS = {"rq1": 6, "rq2": 4}  # shells per level; levels not listed use 4
@@ -63,8 +64,16 @@ def canonical_box(box: np.ndarray, *, sigma: float = PREFILTER_SIGMA,
 
 
 def principal_pose(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centre of mass, rotation) of the positive density; the rotation's rows are the inertia
-    axes, largest spread first, each pointing to its positive third moment, with det = +1."""
+    """(centre of mass, rotation) of the positive density; the rotation's rows are the box's new
+    z, y, x axes, largest spread first, with det = +1.
+
+    The rows are the inertia axes, each pointing to its positive third moment, unless the plane
+    across the axis whose spread stands apart (a ring's or a rod's axis) has about equal spreads,
+    as a C3 or higher symmetric oligomer has. Its inertia axes in that plane are then set by
+    noise, and copies would come out turned by arbitrary angles about the symmetry axis. There
+    the pose follows the plane's dominant angular harmonic of order m ≥ 3 instead, which fixes
+    the angle up to a turn of 2π/m: for an m-fold oligomer, its own symmetry.
+    """
     weight = np.clip(np.asarray(box, np.float64), 0, None).ravel()
     if not weight.sum() > 0:
         raise ValueError("The map has no positive density to orient.")
@@ -72,13 +81,32 @@ def principal_pose(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     centre = points @ weight / weight.sum()
     offsets = points - centre[:, None]
     inertia = (offsets * weight) @ offsets.T / weight.sum()
-    _, vectors = np.linalg.eigh(inertia)
-    axes = vectors[:, ::-1].T
+    spreads, vectors = np.linalg.eigh(inertia)
+    spreads, axes = spreads[::-1], vectors[:, ::-1].T.copy()
     third_moment = ((axes @ offsets) ** 3 * weight).sum(1)
     axes *= np.where(third_moment < 0, -1.0, 1.0)[:, None]
+    apart = 0 if spreads[0] - spreads[1] > spreads[1] - spreads[2] else 2
+    in_plane = [k for k in range(3) if k != apart]
+    order, phase = _dominant_harmonic(axes[in_plane] @ offsets, weight)
+    if order >= 3:
+        first = np.cos(phase) * axes[in_plane[0]] + np.sin(phase) * axes[in_plane[1]]
+        second = np.cross(axes[apart], first)  # right-handed by construction
+        return centre, np.stack([axes[apart], first, second] if apart == 0 else [first, second, axes[apart]])
     if np.linalg.det(axes) < 0:  # a mirror is no pose: flip the least spread axis back
         axes[2] *= -1
     return centre, axes
+
+
+def _dominant_harmonic(plane_offsets_2N: np.ndarray, weight_N: np.ndarray, orders=range(2, 9)) -> tuple[int, float]:
+    """(m, angle of the first lobe) of the angular harmonic, m in ``orders``, that is strongest
+    in the density's projection on a plane. Weighted by the squared radius, the m = 2 harmonic
+    is the plane's inertia anisotropy, so orders compare on one scale."""
+    x, y = plane_offsets_2N
+    weight = weight_N * (x * x + y * y)
+    angle = np.arctan2(y, x)
+    coefficients = {m: (weight * np.exp(-1j * m * angle)).sum() / weight.sum() for m in orders}
+    order = max(coefficients, key=lambda m: abs(coefficients[m]))
+    return order, -np.angle(coefficients[order]) / order
 
 
 def posed_box(box: np.ndarray) -> np.ndarray:
