@@ -71,6 +71,18 @@ def test_a_symmetric_oligomer_is_posed_alike_in_any_orientation():
     assert np.linalg.det(axes) == pytest.approx(1.0) and abs(axes[2] @ [1.0, 0, 0]) > 0.99  # ring axis last
 
 
+def test_density_on_one_line_or_voxel_is_posed_without_warnings():
+    import warnings
+
+    rod, voxel = np.zeros((2, 16, 16, 16), np.float32)
+    rod[2:14, 8, 8] = voxel[8, 8, 8] = 1.0
+    for box in (rod, voxel):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            centre, axes = principal_pose(box)
+        assert np.allclose(centre, [8 if box is voxel else 7.5, 8, 8]) and np.linalg.det(axes) == pytest.approx(1.0)
+
+
 def test_the_pose_is_a_proper_rotation_with_axes_by_spread():
     centre, axes = principal_pose(_asymmetric(2))
     assert np.allclose(axes @ axes.T, np.eye(3), atol=1e-8) and np.linalg.det(axes) == pytest.approx(1.0)

@@ -103,6 +103,8 @@ def _dominant_harmonic(plane_offsets_2N: np.ndarray, weight_N: np.ndarray, order
     is the plane's inertia anisotropy, so orders compare on one scale."""
     x, y = plane_offsets_2N
     weight = weight_N * (x * x + y * y)
+    if not weight.sum() > 0:  # all density on the axis: no turn to fix, the inertia axes stand
+        return 2, 0.0
     angle = np.arctan2(y, x)
     coefficients = {m: (weight * np.exp(-1j * m * angle)).sum() / weight.sum() for m in orders}
     order = max(coefficients, key=lambda m: abs(coefficients[m]))
