@@ -10,8 +10,9 @@ The recipe, for one 64³ preprocessed box:
    Zernike anchor gets).
 2. **Pose** (``principal_pose``): the density is moved so that its centre of mass sits at the
    box centre and its inertia axes lie along z, y, x (largest spread first); each axis points
-   to the side with the positive third moment. Where a symmetric oligomer leaves two spreads
-   equal, its strongest angular harmonic about the third axis sets the turn instead. The
+   to the side with the positive third moment. Where an angular harmonic of order 3 or more
+   about the axis that stands apart outweighs the spread's anisotropy across it (a symmetric
+   oligomer, whose two spreads there are equal), that harmonic sets the turn instead. The
    encoder's positional encoding makes its features depend on where density lies, so without
    this a rotated copy looks like another map.
 3. **Shell pooling** (``shell_features``): each level's continuous latent, pooled over
@@ -65,14 +66,16 @@ def canonical_box(box: np.ndarray, *, sigma: float = PREFILTER_SIGMA,
 
 def principal_pose(box: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(centre of mass, rotation) of the positive density; the rotation's rows are the box's new
-    z, y, x axes, largest spread first, with det = +1.
+    z, y, x axes, with det = +1.
 
-    The rows are the inertia axes, each pointing to its positive third moment, unless the plane
-    across the axis whose spread stands apart (a ring's or a rod's axis) has about equal spreads,
-    as a C3 or higher symmetric oligomer has. Its inertia axes in that plane are then set by
-    noise, and copies would come out turned by arbitrary angles about the symmetry axis. There
-    the pose follows the plane's dominant angular harmonic of order m ≥ 3 instead, which fixes
-    the angle up to a turn of 2π/m: for an m-fold oligomer, its own symmetry.
+    The rows are the inertia axes, largest spread first, each pointing to its positive third
+    moment, unless, in the plane across the axis whose spread stands apart (a ring's or a rod's
+    axis), an angular harmonic of order m ≥ 3 is stronger than the plane's inertia anisotropy.
+    A C3 or higher symmetric oligomer has equal spreads in that plane, so its inertia axes there
+    are set by noise and copies would come out turned by arbitrary angles about the symmetry
+    axis. The harmonic's phase fixes the turn up to 2π/m instead (for an m-fold oligomer, its own
+    symmetry): the rows are then the harmonic's first lobe, the axis across it and the apart
+    axis, in the apart axis's place by spread.
     """
     weight = np.clip(np.asarray(box, np.float64), 0, None).ravel()
     if not weight.sum() > 0:
@@ -112,8 +115,8 @@ def _dominant_harmonic(plane_offsets_2N: np.ndarray, weight_N: np.ndarray, order
 
 
 def posed_box(box: np.ndarray) -> np.ndarray:
-    """``box`` resampled (trilinear) so its centre of mass is at the box centre and its inertia
-    axes lie along the box axes."""
+    """``box`` resampled (trilinear) so its centre of mass is at the box centre and the axes of
+    ``principal_pose`` lie along the box axes."""
     from scipy.ndimage import affine_transform
 
     centre, axes = principal_pose(box)
