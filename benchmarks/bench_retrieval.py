@@ -23,7 +23,9 @@ a vector, and each query looks for its nearest neighbours by Euclidean distance:
 
 Methods: ``raw voxels``, ``radial spectrum``, ``3-D Zernike`` (order 10, no pre-filter) and
 ``3-D Zernike σ2`` (both sides pre-filtered, σ = 2 voxels: its fair preprocessing for noisy
-queries), from ``napari_cryoswan.descriptors``; ``pooled latent`` (each level's latent averaged
+queries), and the spectrum and ``3-D Zernike σ2`` of the box's inscribed sphere alone (``…,
+sphere``: the crop the embedding makes, ``preprocess.inscribed_sphere``), from
+``napari_cryoswan.descriptors``; ``pooled latent`` (each level's latent averaged
 over the box, as the paper's UMAP pools it); ``SWAN shells`` (the embedding recipe without its
 head) and ``SWAN embedding`` (with the checkpoint's invariance head, when it has one);
 ``--ablations`` adds the recipe without its pose step and without its canonical density.
@@ -220,8 +222,11 @@ def misses(queries_ND, gallery_MD, labels, excluded_QM) -> dict[str, int]:
 # maps, so that no channel's units decide the distance (the embedding's head standardises its
 # input itself). The descriptors are compared as their authors define them.
 # The model-free descriptors: each method's name and its name in napari_cryoswan.descriptors.
+# The "sphere" rows see only the box's inscribed sphere, as the embedding does.
 DESCRIPTORS = {"raw voxels": "raw_voxels", "radial spectrum": "radial_power_spectrum",
-               "3-D Zernike": "zernike", "3-D Zernike σ2": "zernike_prefiltered"}
+               "3-D Zernike": "zernike", "3-D Zernike σ2": "zernike_prefiltered",
+               "radial spectrum, sphere": "radial_power_spectrum_sphere",
+               "3-D Zernike σ2, sphere": "zernike_prefiltered_sphere"}
 ANCHORS = tuple(DESCRIPTORS)
 STANDARDISED = ("pooled latent", "SWAN shells", "SWAN shells, no pose", "SWAN shells, no canonical density")
 

@@ -110,6 +110,28 @@ def make_blob_map():
     return blob_map
 
 
+def filament_box(turn, *, zigzag: float = 5.0, box: int = 64) -> np.ndarray:
+    """A filament three boxes long through the centre of a ``box``³ box, turned by the 3×3
+    ``turn`` before the box cuts it: a zigzag of Gaussian beads (amplitude ``zigzag`` voxels)
+    whose weights vary along it. Turned copies hold other density in the box's corners."""
+    grid = np.indices((box,) * 3, dtype=float) - (box - 1) / 2
+    out = np.zeros((box,) * 3)
+    for k, t in enumerate(np.arange(-96.0, 97.0, 6.0)):
+        centre = np.asarray(turn) @ np.array([t, zigzag * (-1) ** k, 0.0])
+        weight = 1 + 0.4 * np.sin(0.13 * t + 0.5)
+        out += weight * np.exp(-((grid - centre[:, None, None, None]) ** 2).sum(0) / (2 * 2.5**2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def filament_copies():
+    """(a filament along z, the same turned onto the box's diagonal, another zigzag along z)."""
+    from scipy.spatial.transform import Rotation
+
+    onto_diagonal = Rotation.align_vectors([[1, 1, 1]], [[1, 0, 0]])[0].as_matrix()
+    return filament_box(np.eye(3)), filament_box(onto_diagonal), filament_box(np.eye(3), zigzag=3.0)
+
+
 @pytest.fixture
 def fake_emdb_env(tmp_path, monkeypatch):
     """A local EMDB (see test_emdb.py) that the plugin finds through its environment variables."""

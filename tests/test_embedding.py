@@ -71,6 +71,12 @@ def test_a_symmetric_oligomer_is_posed_alike_in_any_orientation():
     assert np.linalg.det(axes) == pytest.approx(1.0) and abs(axes[2] @ [1.0, 0, 0]) > 0.99  # ring axis last
 
 
+def test_a_filament_cut_by_its_box_is_posed_alike_in_any_orientation(filament_copies):
+    """The box cuts a turned copy elsewhere; within the inscribed sphere both hold the same."""
+    original, turned, _ = filament_copies
+    assert _correlation(posed_box(canonical_box(original)), posed_box(canonical_box(turned))) > 0.95
+
+
 def test_density_on_one_line_or_voxel_is_posed_without_warnings():
     import warnings
 
@@ -282,6 +288,11 @@ def test_a_views_cache_trains_the_next_head_without_encoding_again(tiny_corpus, 
     assert len(encoded) == 1 and cache.is_file()  # the second head read the views
     first, second = (load_head(tmp_path / f"{n}.embedding.pt") for n in "ab")
     assert first.provenance["maps"] == second.provenance["maps"] and second.provenance["sibling_weight"] == 3.0
+    # Another initialisation on the same views: read from the cache, and another head.
+    assert train_embedding.main([*args, "--out", str(tmp_path / "i.embedding.pt"), "--init-seed", "1"]) == 0
+    reseeded = load_head(tmp_path / "i.embedding.pt")
+    assert len(encoded) == 1 and reseeded.provenance["init_seed"] == 1 and "init_seed" not in first.provenance
+    assert reseeded.head_id != first.head_id and np.array_equal(reseeded.feature_mean, first.feature_mean)
     assert train_embedding.main([*args, "--out", str(tmp_path / "c.embedding.pt"), "--degraded", "2"]) == 0
     assert len(encoded) == 2 and "other settings: encoding them again" in capsys.readouterr().err
     cache.write_bytes(b"PK\x03\x04 cut short")  # a damaged cache is encoded again, not a crash

@@ -16,6 +16,7 @@ from napari_cryoswan.preprocess import (
     crop_spectrum,
     cropped_shape,
     denormalise,
+    inscribed_sphere,
     lowpass,
     normalise,
     preprocess,
@@ -91,6 +92,28 @@ def test_crop_reports_the_density_that_falls_outside():
     boxed, _, outside = crop_or_pad(slab, 10, centre_of_mass(slab))
     assert outside == pytest.approx(0.9)
     assert boxed.sum() == pytest.approx(1000)
+
+
+def test_inscribed_sphere_keeps_the_sphere_and_fills_the_corners_with_the_background():
+    rng = np.random.default_rng(4)
+    box = rng.normal(-0.5, 0.1, (20, 20, 20)).astype(np.float32)
+    box += gaussian_blob(box.shape, (8.0, 10.0, 11.0), sigma=2.5)  # the particle
+    box[0, 0, 0] = box[19, 19, 0] = 3.0  # and density in two corners
+    kept = inscribed_sphere(box)
+    radius = np.sqrt(((np.indices(box.shape) - 9.5) ** 2).sum(0))
+    np.testing.assert_array_equal(kept[radius <= 9.5], box[radius <= 9.5])
+    corners = kept[radius > 9.5]
+    assert np.all(corners == corners[0]) and corners[0] == pytest.approx(-0.5, abs=0.05)
+    # A rotation about the centre turns what the sphere holds and nothing else.
+    turned = np.rot90(box, 1, axes=(1, 2))
+    np.testing.assert_allclose(inscribed_sphere(turned), np.rot90(kept, 1, axes=(1, 2)), atol=1e-2)
+    # Non-cubic: the sphere of the shortest side; too small a box is kept as it is.
+    assert inscribed_sphere(np.ones((6, 10, 10), np.float32))[0, 0, 0] == 1.0
+    tiny = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    np.testing.assert_array_equal(inscribed_sphere(tiny), tiny)
+    # All of the density in the corners (a capsid wider than the box): nothing to keep.
+    corners_only = np.where(radius > 12, box, -0.5).astype(np.float32)
+    np.testing.assert_array_equal(inscribed_sphere(corners_only), corners_only)
 
 
 def test_contour_mask_has_a_soft_edge():

@@ -143,7 +143,11 @@ def parse_args(argv=None):
     p.add_argument("--sibling-weight", type=float, default=1.0,
                    help="weight of other entries of a map's own structure among its negatives (default 1: "
                         "as any other map)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="draws the degraded copies and, unless --init-seed "
+                                                         "is given, the head's initialisation")
+    p.add_argument("--init-seed", type=int, default=None,
+                   help="seeds only the head's initialisation and feature jitter: a head of another "
+                        "initialisation on the same views (and the same --views-cache)")
     p.add_argument("--views-cache", type=Path, default=None,
                    help="an .npz file that keeps the encoded views for the next head of the same settings")
     p.add_argument("--out", required=True, help="the head file to write (NAME.embedding.pt beside the checkpoint)")
@@ -184,7 +188,10 @@ def main(argv=None) -> int:
     provenance = {"corpus_id": corpus.corpus_id, "split": args.split, "maps": len(indices),
                   "classes": int(labels.max() + 1), "degraded": args.degraded, "steps": args.steps,
                   "seed": args.seed, "sibling_weight": args.sibling_weight, "checkpoint_file": loaded.path.name}
-    head = fit_head(features, labels, autoencoder_id=loaded.checkpoint_id, steps=args.steps, seed=args.seed,
+    init_seed = args.seed if args.init_seed is None else args.init_seed
+    if init_seed != args.seed:
+        provenance["init_seed"] = init_seed
+    head = fit_head(features, labels, autoencoder_id=loaded.checkpoint_id, steps=args.steps, seed=init_seed,
                     groups_M=groups, sibling_weight=args.sibling_weight, provenance=provenance)
     save_head(args.out, head, overwrite=args.overwrite)
     print(f"{args.out}: head {head.head_id} for checkpoint {loaded.checkpoint_id}, {len(features)} views of "

@@ -11,6 +11,10 @@ one of them, by its name in ``DESCRIPTORS``, over a batch.
 - ``zernike_descriptors``: 3-D Zernike invariants (Canterakis 1999; Novotni & Klein 2003), the
   descriptor EM-SURFER uses to search the EMDB. Invariant to rotation, translation and
   scale (size is normalised away) and, like every norm over m, to mirroring.
+- ``radial_power_spectrum_sphere``, ``zernike_prefiltered_sphere``: the same, of the box's
+  inscribed sphere alone (``preprocess.inscribed_sphere``), the crop the map embedding makes.
+  A rotated copy of a map that runs out of its box holds other density in the corners; the
+  Zernike ball, two radii of gyration, follows it.
 
 Decisions for the Zernike descriptor. Numbers are top-1 retrieval of a rotated copy among the
 120 val+test maps of the default corpus (24 shapes × 5 rotations), queries degraded (rotated,
@@ -60,7 +64,7 @@ from typing import Callable, Iterable, Literal
 
 import numpy as np
 
-from .preprocess import zscored
+from .preprocess import inscribed_sphere, zscored
 
 Progress = Callable[[int, int], None]
 Weighting = Literal["density", "binary"]
@@ -348,11 +352,24 @@ def zernike_basis(points: np.ndarray, order: int) -> np.ndarray:
 
 # --- registry and batches ----------------------------------------------------------------------
 
+def _in_inscribed_sphere(describe: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
+    """``describe`` of the box's inscribed sphere alone (``preprocess.inscribed_sphere``): the
+    fair preprocessing against an embedding that crops to it too."""
+
+    def described(box: np.ndarray, **options) -> np.ndarray:
+        return describe(inscribed_sphere(_checked_box(box)), **options)
+
+    return described
+
+
 DESCRIPTORS: dict[str, Callable[..., np.ndarray]] = {
     "raw_voxels": raw_voxels,
     "radial_power_spectrum": radial_power_spectrum,
     "zernike": zernike_descriptors,
     "zernike_prefiltered": partial(zernike_descriptors, prefilter_sigma=PREFILTER_SIGMA),
+    "radial_power_spectrum_sphere": _in_inscribed_sphere(radial_power_spectrum),
+    "zernike_prefiltered_sphere": _in_inscribed_sphere(
+        partial(zernike_descriptors, prefilter_sigma=PREFILTER_SIGMA)),
 }
 
 

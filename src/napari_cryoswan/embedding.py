@@ -4,10 +4,11 @@ protein (docs/EXPLORER.md has the measurements behind each step).
 
 The recipe, for one 64³ preprocessed box:
 
-1. **Canonical density** (``canonical_box``): a Gaussian pre-filter (σ = 1.5 voxels), z-scoring,
-   and zero below mean + 1 s.d.: two copies of a map at other resolutions, noise levels or
-   contours become alike before the encoder sees them (the same fair pre-filter the 3-D
-   Zernike anchor gets).
+1. **Canonical density** (``canonical_box``): the box's inscribed sphere (the corners set to the
+   background: a rotated copy of a map that runs out of its box fills them with other density),
+   a Gaussian pre-filter (σ = 1.5 voxels), z-scoring, and zero below mean + 1 s.d.: two copies
+   of a map at other resolutions, noise levels, contours or crops become alike before the
+   encoder sees them (the same fair pre-filter the 3-D Zernike anchor gets).
 2. **Pose** (``principal_pose``): the density is moved so that its centre of mass sits at the
    box centre and its inertia axes lie along z, y, x (largest spread first); each axis points
    to the side with the positive third moment. Where an angular harmonic of order 3 or more
@@ -37,9 +38,10 @@ from typing import Callable
 
 import numpy as np
 
-from .preprocess import zscored
+from .preprocess import inscribed_sphere, zscored
 
-RECIPE = "pose-shells-3"  # 3: oligomers posed by their harmonic; 2: shells pooled by mean and s.d.
+# 4: the inscribed sphere; 3: oligomers posed by their harmonic; 2: shells pooled by mean and s.d.
+RECIPE = "pose-shells-4"
 PREFILTER_SIGMA = 1.5  # voxels
 CONTOUR_SDS = 1.0  # density kept above mean + this many s.d.
 SHELLS = {"rq1": 6, "rq2": 4}  # shells per level; levels not listed use 4
@@ -57,10 +59,10 @@ class EmbeddingError(ValueError):
 
 def canonical_box(box: np.ndarray, *, sigma: float = PREFILTER_SIGMA,
                   contour_sds: float = CONTOUR_SDS) -> np.ndarray:
-    """The pre-filtered density above its contour, z-scored."""
+    """The pre-filtered density inside the box's inscribed sphere and above its contour, z-scored."""
     from scipy.ndimage import gaussian_filter
 
-    data = zscored(gaussian_filter(np.asarray(box, np.float64), sigma))
+    data = zscored(gaussian_filter(inscribed_sphere(box).astype(np.float64), sigma))
     return zscored(np.where(data > contour_sds, data, 0.0)).astype(np.float32)
 
 
