@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from .preprocess import inscribed_sphere, zscored
+from .preprocess import distance_from_centre, inscribed_sphere, zscored
 
 # 4: the inscribed sphere; 3: oligomers posed by their harmonic; 2: shells pooled by mean and s.d.
 RECIPE = "pose-shells-4"
@@ -169,9 +169,7 @@ def _shell_index(size: int, shells: int):
     box; the corners beyond the inscribed sphere join the outermost shell."""
     import torch
 
-    centre = (size - 1) / 2.0
-    axis = torch.arange(size, dtype=torch.float32) - centre
-    radius = torch.sqrt(axis[:, None, None] ** 2 + axis[None, :, None] ** 2 + axis[None, None, :] ** 2)
+    radius = torch.from_numpy(distance_from_centre((size,) * 3))
     return torch.clamp((radius / (size / 2.0) * shells).long(), max=shells - 1)
 
 

@@ -347,6 +347,12 @@ def centre_of_mass(data: np.ndarray) -> np.ndarray:
     return np.array([(g * positive).sum() / total for g in grids])
 
 
+def distance_from_centre(shape: tuple[int, ...]) -> np.ndarray:
+    """(float32, ``shape``) each voxel's distance in voxels from the box centre, (n − 1) / 2 on each axis."""
+    offsets = [np.arange(n, dtype=np.float32) - (n - 1) / 2.0 for n in shape]
+    return np.sqrt(offsets[0][:, None, None] ** 2 + offsets[1][None, :, None] ** 2 + offsets[2][None, None, :] ** 2)
+
+
 def inscribed_sphere(data: np.ndarray, *, rim: float = 3.0, min_share: float = 0.01) -> np.ndarray:
     """``data`` with the voxels outside the box's inscribed sphere set to the background level,
     the median of the sphere's outermost ``rim`` voxels.
@@ -361,9 +367,7 @@ def inscribed_sphere(data: np.ndarray, *, rim: float = 3.0, min_share: float = 0
 
     data = np.asarray(data, np.float32)
     radius = min(data.shape) / 2.0 - 0.5
-    offsets = [np.arange(n, dtype=np.float32) - (n - 1) / 2.0 for n in data.shape]
-    distance = np.sqrt(offsets[0][:, None, None] ** 2 + offsets[1][None, :, None] ** 2
-                       + offsets[2][None, None, :] ** 2)
+    distance = distance_from_centre(data.shape)
     inside = distance <= radius
     rim_voxels = data[inside & (distance > radius - rim)]
     if rim_voxels.size == 0:  # a box of a voxel or two: no sphere inside it to keep
