@@ -1,8 +1,11 @@
 """Where the "fills its own box" warning draws its line: ``reconstruction.fraction_of_faces_dense``
-(the share of a map's box-face voxels above its mean + 1 s.d.) over every map of training corpora
-and over map files, against ``DENSE_FACES_FRACTION``.
+(the share of a map's box-face voxels above its mean + 1 s.d., once blurred) over every map of
+training corpora and over map files, against ``DENSE_FACES_FRACTION``; with ``--snr``, also over
+every corpus map noised at each SNR (``denoise.add_noise``, seed 0): a noisy particle is still a
+particle, and must not be flagged.
 
-    python benchmarks/bench_dense_faces.py --corpus corpus_default corpus_meshes --maps ../shared/data/maps/*.map.gz
+    python benchmarks/bench_dense_faces.py --corpus corpus_default corpus_assemblies \
+        --maps ../shared/data/maps/*.map.gz --snr 2 1 0.5 0.25
 
 Prints the machine and date, then per corpus the largest value, its 99th percentile and how many
 maps lie above the threshold, and per map file its value.
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def main(argv=None) -> None:
     from _machine import run_line
+    from napari_cryoswan.denoise import add_noise
     from napari_cryoswan.io import DensityMap, read_map
     from napari_cryoswan.reconstruction import DENSE_FACES_FRACTION, fraction_of_faces_dense
     from training.corpus import CorpusSet
@@ -30,16 +34,25 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", nargs="*", default=[], help="corpus folders: every map of every split")
     p.add_argument("--maps", nargs="*", default=[], help="map files")
+    p.add_argument("--snr", nargs="*", type=float, default=[], help="also measure the corpus maps noised at these SNRs")
     args = p.parse_args(argv)
 
     print(f"# Dense box faces\n\n{run_line()}\nthreshold DENSE_FACES_FRACTION = {DENSE_FACES_FRACTION}\n")
     print("| maps | n | largest | 99th percentile | above the threshold |\n|---|---|---|---|---|")
     for folder in args.corpus:
         corpus = CorpusSet([folder])
-        values = np.array([fraction_of_faces_dense(DensityMap(corpus.load_batch([i])[0], (1.0,) * 3))
-                           for split in ("train", "val", "test") for i in corpus.split_indices(split)])
-        print(f"| corpus {folder} (id {corpus.corpus_id}) | {len(values)} | {values.max():.3f} | "
-              f"{np.percentile(values, 99):.3f} | {int((values > DENSE_FACES_FRACTION).sum())} |")
+        rows = [i for split in ("train", "val", "test") for i in corpus.split_indices(split)]
+        for snr in [None, *args.snr]:
+            rng = np.random.default_rng(0)
+            values = []
+            for i in rows:
+                box = corpus.load_batch([i])[0]
+                box = box if snr is None else add_noise(box, snr, rng)
+                values.append(fraction_of_faces_dense(DensityMap(box, (1.0,) * 3)))
+            values = np.array(values)
+            what = f"corpus {folder} (id {corpus.corpus_id})" + ("" if snr is None else f", noised at SNR {snr:g}")
+            print(f"| {what} | {len(values)} | {values.max():.3f} | {np.percentile(values, 99):.3f} | "
+                  f"{int((values > DENSE_FACES_FRACTION).sum())} |")
     for path in args.maps:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a missing voxel size does not matter here

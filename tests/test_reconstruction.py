@@ -12,6 +12,7 @@ from napari_cryoswan.io import DensityMap
 from napari_cryoswan.metrics import fsc
 from napari_cryoswan.preprocess import PreprocessSettings, centre_of_mass, preprocess
 from napari_cryoswan.reconstruction import (
+    DENSE_FACES_FRACTION,
     describe_preprocessing,
     estimated_fraction_outside,
     input_concerns,
@@ -119,6 +120,17 @@ def test_a_map_that_fills_its_own_box_is_flagged_before_the_run(make_blob_map):
     assert not any("edges" in c for c in input_concerns(DensityMap(data, (4.0, 4.0, 4.0)), SETTINGS,
                                                         for_model=False))
     assert not any("edges" in c for c in input_concerns(make_blob_map(), SETTINGS))
+
+
+def test_noise_in_the_solvent_is_not_taken_for_density_at_the_box_faces(make_blob_map):
+    from napari_cryoswan.denoise import add_noise
+
+    blob = make_blob_map()
+    noisy = blob.with_data(add_noise(blob.data, 0.5, np.random.default_rng(0)))
+    unblurred = np.mean([np.mean(face > noisy.data.mean() + noisy.data.std())
+                         for face in (noisy.data[0], noisy.data[:, 0], noisy.data[:, :, 0])])
+    assert unblurred > DENSE_FACES_FRACTION  # what the faces held before the blur
+    assert not any("edges" in c for c in input_concerns(noisy, SETTINGS))
 
 
 def test_density_outside_the_box_is_flagged_before_and_after_the_run():
