@@ -37,7 +37,8 @@ head) and ``SWAN embedding`` (with the checkpoint's invariance head, when it has
 to the folder it was built in: ``--built-in DIR`` when that is not the current one).
 
 Prints the machine, versions, settings and date, then a markdown table of top-1 and top-5
-rates and the time per map of each method, then, for each form, the embedding's top-1 rate
+rates and the time per map of each method, the embedding's misses and its distance scale (how far
+a query lies from the nearest map of its own entry and of another), then, for each form, the embedding's top-1 rate
 minus that of the best descriptor there, with a 95 % interval from a bootstrap over entries: a
 gap of a few maps that one structure decides shows up as an interval that spans zero.
 """
@@ -218,6 +219,18 @@ def misses(queries_ND, gallery_MD, labels, excluded_QM) -> dict[str, int]:
     return {pair: wrong.count(pair) for pair in sorted(set(wrong))}
 
 
+def distance_scale(queries_ND, gallery_MD, labels, excluded_QM) -> dict[str, list[float]]:
+    """The 5th, 50th and 95th percentiles of each query's distance to the nearest map of its own
+    entry ("own") and to the nearest map of another ("other"): the scale on which the explorer's
+    distances read as "a copy" or "another map"."""
+    distances = np.sqrt(((queries_ND[:, None, :] - gallery_MD[None]) ** 2).sum(-1))
+    distances[excluded_QM] = np.inf
+    same = labels[:, None] == labels[None]
+    own, other = np.where(same, distances, np.inf).min(1), np.where(same, np.inf, distances).min(1)
+    return {name: np.percentile(values[np.isfinite(values)], [5, 50, 95]).round(3).tolist()
+            for name, values in (("own", own), ("other", other))}
+
+
 # Latent features have arbitrary units per channel: each is scaled by its spread over the clean
 # maps, so that no channel's units decide the distance (the embedding's head standardises its
 # input itself). The descriptors are compared as their authors define them.
@@ -277,6 +290,11 @@ def run(args) -> dict:
             row["experiment_misses"] = misses(other, clean, entry, nothing)
         if multi.any():
             record_form(row, "structure", hits(clean[multi], clean, group[multi], group, same_entry[multi]))
+        if name == "SWAN embedding":
+            row["distances"] = {"clean": distance_scale(clean, clean, entry, itself),
+                                "hard": distance_scale(degraded, clean, entry, itself)}
+            if other is not None:
+                row["distances"]["experiment"] = distance_scale(other, clean, entry, np.zeros_like(itself))
         rows.append(row)
         print(f"  {name}: done ({row['ms_per_map']:.0f} ms/map)", file=sys.stderr, flush=True)
     return {"maps": n, "entries": len(set(entry)), "structure_queries": int(multi.sum()),
@@ -336,6 +354,10 @@ def main(argv=None) -> int:
                     continue
                 found = ", ".join(f"{pair} ({count}×)" for pair, count in r[f"{form}_misses"].items()) or "none"
                 print(f"\nSWAN embedding, {form} top-1 misses: {found}")
+            print("\nSWAN embedding, distance from a query to the nearest map of its own entry and of another "
+                  "(5th, 50th, 95th percentile):")
+            for form, scale in r["distances"].items():
+                print(f"- {form}: own {scale['own']}, other {scale['other']}")
     result["comparisons"] = report_comparisons(result, args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps({**env, **result}, indent=1))
