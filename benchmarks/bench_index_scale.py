@@ -12,6 +12,8 @@ codebook), with metadata rows like a map's, written through ``LatentIndex.add`` 
 - find:   one substring lookup over names and ids (``LatentIndex.find``), median (and the
           first call, which also builds each row's lookup text);
 - codes:  reading one entry's codes from the memory-mapped shards (what showing it needs), median;
+- spacing: ``LatentIndex.spacing`` (each of up to 256 maps' nearest map of another entry: the
+          scale "Find similar" reads a query's distance on), once, as the first search pays it;
 - peak memory: the growth of the peak resident set (VmHWM) over the worker's size before
   opening and searching, then tracemalloc's peak over the same work (Python's and numpy's
   allocations: the rows, the embeddings, the distances);
@@ -152,6 +154,9 @@ def measure(folder: Path, args) -> dict:
     row["find_s"] = _median_over(lambda name: index.find(name), names)
     rows = [int(i) for i in rng.integers(0, len(index), args.queries)]
     row["codes_s"] = _median_over(lambda r: index.codes(r), rows)
+    start = time.perf_counter()
+    index.spacing()
+    row["spacing_s"] = time.perf_counter() - start
     row["peak_traced_mib"] = peak_traced / 2**20
     row["peak_rss_growth_mib"] = peak_rss_growth / 2**20
     row["embeddings_mib"] = index.embeddings.nbytes / 2**20
@@ -252,6 +257,7 @@ def markdown_table(row: dict) -> str:
         f"| find (substring over names and ids) | {row['find_s'] * 1e3:.1f} ms "
         f"(first call {row['find_first_s'] * 1e3:.0f} ms) |",
         f"| read one entry's codes (memory-mapped) | {row['codes_s'] * 1e6:.0f} µs |",
+        f"| the index's spacing (LatentIndex.spacing, once per opened index) | {row['spacing_s'] * 1e3:.0f} ms |",
         f"| peak traced memory, open + query (tracemalloc) | {row['peak_traced_mib']:.0f} MiB "
         f"(embeddings alone {row['embeddings_mib']:.1f} MiB) |",
         f"| peak resident-set growth, open + query | {row['peak_rss_growth_mib']:.0f} MiB |",

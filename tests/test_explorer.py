@@ -322,29 +322,6 @@ def test_find_similar_ranks_a_maps_exact_copy_first(opened, maps):
     assert not any("near copy" in note for note in result.notes)  # it has one: no warning
 
 
-class _VectorsOnly:
-    """The part of an index that its spacing reads: embeddings and rows."""
-
-    def __init__(self, embeddings, entries):
-        self.embeddings = np.asarray(embeddings, np.float32)
-        self.rows = [{"name": f"map {i}", "entry_id": entry} for i, entry in enumerate(entries)]
-
-    def __len__(self):
-        return len(self.rows)
-
-
-def test_a_query_as_far_from_its_nearest_map_as_distinct_maps_lie_apart_is_said_to_have_no_copy(swan):
-    # On a line: entry a in two orientations (0.05 apart: copies, not neighbours), b, c and d.
-    points = [[0.0, 0.0], [0.05, 0.0], [1.0, 0.0], [2.2, 0.0], [3.5, 0.0]]
-    explorer = ExplorerIndex(_VectorsOnly(points, ["a", "a", "b", "c", "d"]), swan, "line")
-    np.testing.assert_allclose(explorer.spacing(), [0.95, 0.95, 1.0, 1.2, 1.3], atol=1e-6)
-    assert explorer.isolation_note(0.3) is None  # nearer than any two distinct maps: a copy
-    note = explorer.isolation_note(1.25)
-    assert note.startswith("No map of the index is a near copy of this one: the nearest lies at d = 1.25")
-    assert "farther than 80% of the index's maps" in note and "(median d = 1.00)" in note
-    assert ExplorerIndex(_VectorsOnly(points[:2], ["a", "a"]), swan, "one entry").isolation_note(5.0) is None
-
-
 def test_find_similar_finds_a_rotated_copy_with_the_bundled_model(tmp_path, monkeypatch):
     """The bundled encoder's embedding (an untrained one's features swing with any change)."""
     from napari_cryoswan.io import DensityMap

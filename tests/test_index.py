@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -282,6 +283,22 @@ def test_nearest_is_exact_with_ties_in_row_order_and_exclusions():
         nearest(embeddings, np.zeros(3), k=1)
 
 
+def test_a_query_as_far_from_its_nearest_map_as_distinct_maps_lie_apart_is_said_to_have_no_copy():
+    from napari_cryoswan.index import LatentIndex, isolation_note
+
+    # On a line: entry a in two orientations (0.05 apart: copies, not neighbours), b, c and d.
+    points = np.array([[0.0, 0.0], [0.05, 0.0], [1.0, 0.0], [2.2, 0.0], [3.5, 0.0]], np.float32)
+    rows = [{"key": f"k{i}", "name": f"map {i}", "entry_id": entry} for i, entry in enumerate("aabcd")]
+    index = LatentIndex(Path("line"), {}, rows, points, [])
+    np.testing.assert_allclose(index.spacing(), [0.95, 0.95, 1.0, 1.2, 1.3], atol=1e-6)
+    assert isolation_note(index.spacing(), 0.3) is None  # nearer than any two distinct maps: a copy
+    note = isolation_note(index.spacing(), 1.25)
+    assert note.startswith("No map of the index is a near copy of this one: the nearest lies at d = 1.25")
+    assert "farther than 80% of the index's maps" in note and "(median d = 1.00)" in note
+    one_entry = LatentIndex(Path("one"), {}, rows[:2], points[:2], [])
+    assert len(one_entry.spacing()) == 0 and isolation_note(one_entry.spacing(), 5.0) is None
+
+
 def test_find_matches_names_and_ids_in_any_spelling(built):
     index = open_index(built)
     assert [index.rows[i]["name"] for i in index.find("EMD_1234")] == ["emd_1234"]
@@ -297,7 +314,8 @@ def test_search_prints_json_and_a_table(built, maps, small_checkpoints, capsys):
     results = json.loads(capsys.readouterr().out)
     assert [r["query"] for r in results] == queries
     for result in results:
-        assert set(result) == {"query", "neighbours"} and len(result["neighbours"]) == 3
+        assert set(result) == {"query", "neighbours", "note"} and len(result["neighbours"]) == 3
+        assert result["note"] is None  # each query has an exact copy in the index
         assert all(set(n) == {"name", "source", "distance"} for n in result["neighbours"])
         distances = [n["distance"] for n in result["neighbours"]]
         assert distances == sorted(distances) and distances[0] < 1e-5
@@ -307,6 +325,10 @@ def test_search_prints_json_and_a_table(built, maps, small_checkpoints, capsys):
     assert search.main(common) == 0
     table = capsys.readouterr().out
     assert "alpha.mrc: 3 nearest" in table and "distance" in table and "delta" in table
+    assert "near copy" not in table
+    far = {"query": "far.mrc", "neighbours": [{"name": "delta", "source": None, "distance": 1.4}],
+           "note": "No map of the index is a near copy of this one: …"}
+    assert search.format_table([far]).splitlines()[-1] == "  No map of the index is a near copy of this one: …"
 
 
 def test_search_says_what_is_missing(built, maps, tmp_path, capsys):
@@ -322,6 +344,7 @@ def test_search_reads_the_bundled_index(maps, capsys):
     (result,) = json.loads(capsys.readouterr().out)
     distances = [n["distance"] for n in result["neighbours"]]
     assert len(distances) == 3 and distances == sorted(distances)
+    assert result["note"] is None or result["note"].startswith("No map of the index is a near copy")
 
 
 def test_a_build_without_the_bundled_index_says_how_to_make_one(maps, monkeypatch, tmp_path, capsys):

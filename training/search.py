@@ -10,9 +10,12 @@ other must be given, and must be that same checkpoint (an index of another is re
 ``--json`` prints one object per query, neighbours nearest first::
 
     [{"query": "emd_3197.map.gz",
-      "neighbours": [{"name": "emd_3197", "source": "/data/emd_3197.map.gz", "distance": 0.0}, …]}]
+      "neighbours": [{"name": "emd_3197", "source": "/data/emd_3197.map.gz", "distance": 0.0}, …],
+      "note": null}]
 
-otherwise a table per query.
+otherwise a table per query. ``note`` (and a line under the table) says when the query's nearest
+map lies as far from it as the index's distinct maps lie from each other: the index holds no near
+copy of it (``index.isolation_note``); it is null otherwise.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ def search(index_spec: str, queries: list[str], *, k: int = 10, checkpoint: str 
     """[{"query", "neighbours": [{"name", "source", "distance"}, …]}] for each query map."""
     from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
     from napari_cryoswan.engine import choose_device
-    from napari_cryoswan.index import embed_maps, open_index_for, read_manifest
+    from napari_cryoswan.index import embed_maps, isolation_note, open_index_for, read_manifest
     from napari_cryoswan.io import read_map
 
     folder = index_folder(index_spec)
@@ -64,7 +67,7 @@ def search(index_spec: str, queries: list[str], *, k: int = 10, checkpoint: str 
         hits = index.search(query_D, k, exclude=exclude)
         results.append({"query": str(path), "neighbours": [
             {"name": hit.entry.get("name"), "source": hit.entry.get("source"), "distance": hit.distance}
-            for hit in hits]})
+            for hit in hits], "note": hits and isolation_note(index.spacing(), hits[0].distance) or None})
     return results
 
 
@@ -79,6 +82,8 @@ def format_table(results: list[dict]) -> str:
             lines.append(f"  {'#':>3}  {'distance':>9}  {'name':<{name_width}}  source")
         for rank, n in enumerate(result["neighbours"], 1):
             lines.append(f"  {rank:>3}  {n['distance']:>9.4f}  {str(n['name']):<{name_width}}  {n['source'] or '-'}")
+        if result.get("note"):
+            lines.append(f"  {result['note']}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

@@ -49,7 +49,6 @@ PROJECTION_FORMAT_VERSION = 1
 UMAP_PARAMETERS = {"n_neighbors": 15, "min_dist": 0.1}
 DEFAULT_SEED = 0
 PLACE_NEIGHBOURS = 10  # indexed maps a query's place on the picture is averaged over
-SPACING_SAMPLE = 256  # indexed maps whose nearest other map sets the scale a query's distance is read on
 
 # Metadata a plot can colour by, when they vary: categories and numbers. Identifiers, paths and
 # nested values are not offered.
@@ -318,7 +317,6 @@ class ExplorerIndex:
     label: str
     projection: Projection | None = None
     notes: list[str] = field(default_factory=list)
-    _spacing: tuple | None = field(default=None, repr=False, compare=False)  # (maps, spacing()) when computed
 
     def __len__(self) -> int:
         return len(self.index)
@@ -358,37 +356,11 @@ class ExplorerIndex:
         """The ``k`` maps nearest to an embedding, nearest first (``index.Neighbour``)."""
         return self.index.search(np.asarray(vector, np.float32), k)
 
-    def spacing(self) -> np.ndarray:
-        """Sorted distances from the index's maps (``SPACING_SAMPLE`` of them at most, drawn with
-        a fixed seed) to their nearest map of another entry (another orientation of one entry is
-        a copy, not a neighbour): how far apart the distinct maps of this index lie, the scale on
-        which a query's distance says "a copy" or "nothing like it"."""
-        if self._spacing is not None and self._spacing[0] == len(self):
-            return self._spacing[1]
-        from .index import nearest
-
-        embeddings = self.index.embeddings
-        entries = np.array([str(row.get("entry_id") or f"row {i}") for i, row in enumerate(self.rows)])
-        rows = np.arange(len(self))
-        if len(rows) > SPACING_SAMPLE:
-            rows = np.sort(np.random.default_rng(0).choice(rows, SPACING_SAMPLE, replace=False))
-        found = [nearest(embeddings, embeddings[row], 1, exclude=np.flatnonzero(entries == entries[row]))[1]
-                 for row in rows]
-        spacing = np.sort(np.concatenate(found)) if found else np.zeros(0, np.float32)
-        self._spacing = (len(self), spacing)
-        return spacing
-
     def isolation_note(self, distance: float) -> str | None:
-        """A sentence for a query whose nearest map lies as far from it as the index's own
-        distinct maps typically lie from each other (at or beyond their median spacing), else None.
-        Distances alone do not say that; without it a user reads the nearest maps as matches."""
-        spacing = self.spacing()
-        if len(spacing) < 2 or not distance >= np.median(spacing):
-            return None
-        share = float(np.mean(spacing < distance))
-        return (f"No map of the index is a near copy of this one: the nearest lies at d = {distance:.2f}, "
-                f"farther than {share:.0%} of the index's maps lie from their own nearest other map "
-                f"(median d = {np.median(spacing):.2f}). The maps opened are the least unlike, not matches.")
+        """``index.isolation_note`` on this index's spacing: None unless nothing in it is near."""
+        from .index import isolation_note
+
+        return isolation_note(self.index.spacing(), distance)
 
     def hub_members(self, hub_id: int, limit: int | None = None) -> list:
         """A hub's anchor, then its members by distance to it (``index.Neighbour``)."""

@@ -351,6 +351,22 @@ def nearest(embeddings_ND: np.ndarray, query_D: np.ndarray, k: int,
     return rows, distances_N[rows].astype(np.float32)
 
 
+SPACING_SAMPLE = 256  # indexed maps whose nearest other entry sets the scale a query's distance is read on
+
+
+def isolation_note(spacing: np.ndarray, distance: float) -> str | None:
+    """A sentence for a query whose nearest map lies at ``distance``, as far from it as the
+    index's distinct maps typically lie from each other (at or beyond the median of its
+    ``LatentIndex.spacing``), else None. Distances alone do not say that; without it a user
+    reads the nearest maps as matches."""
+    if len(spacing) < 2 or not distance >= np.median(spacing):
+        return None
+    share = float(np.mean(spacing < distance))
+    return (f"No map of the index is a near copy of this one: the nearest lies at d = {distance:.2f}, "
+            f"farther than {share:.0%} of the index's maps lie from their own nearest other map "
+            f"(median d = {np.median(spacing):.2f}). The maps opened are the least unlike, not matches.")
+
+
 # --- the index -------------------------------------------------------------------------------------
 
 
@@ -377,6 +393,7 @@ class LatentIndex:
         self._shard_starts = np.cumsum([0] + [len(c) for c in code_shards])
         self._keys = {row["key"]: i for i, row in enumerate(rows)}
         self._search_texts: list[str] | None = None
+        self._spacing: tuple[int, np.ndarray] | None = None  # (maps, spacing()) once computed
 
     # --- what it holds
 
@@ -436,6 +453,23 @@ class LatentIndex:
             exclude = [int(exclude)]
         rows, distances = nearest(self.embeddings, query_D, k, exclude)
         return [Neighbour(int(r), float(d), self.rows[r]) for r, d in zip(rows, distances)]
+
+    def spacing(self) -> np.ndarray:
+        """Sorted distances from the index's maps (``SPACING_SAMPLE`` of them at most, drawn with
+        a fixed seed) to their nearest map of another entry (another orientation of one entry is
+        a copy, not a neighbour): how far apart the distinct maps of this index lie, the scale on
+        which a query's distance says "a copy" or "nothing like it" (``isolation_note``)."""
+        if self._spacing is not None and self._spacing[0] == len(self):
+            return self._spacing[1]
+        entries = np.array([str(row.get("entry_id") or f"row {i}") for i, row in enumerate(self.rows)])
+        rows = np.arange(len(self))
+        if len(rows) > SPACING_SAMPLE:
+            rows = np.sort(np.random.default_rng(0).choice(rows, SPACING_SAMPLE, replace=False))
+        found = [nearest(self.embeddings, self.embeddings[row], 1, np.flatnonzero(entries == entries[row]))[1]
+                 for row in rows]
+        spacing = np.sort(np.concatenate(found)) if found else np.zeros(0, np.float32)
+        self._spacing = (len(self), spacing)
+        return spacing
 
     def find(self, text: str, limit: int | None = None) -> list[int]:
         """Rows whose name, EMDB id, PDB id, entry id or file name contain ``text`` (any case;
