@@ -42,6 +42,7 @@ DEFAULT_K = 8
 SELECT_MODES = ("click", "lasso", "box")
 LAYOUTS = ("side by side", "over their sources")
 GAP = 0.15  # of a box's edge, between boxes laid side by side
+LABEL_MARGIN = 0.85  # zoom after framing a set, so the labels centred over its outer boxes fit
 NO_HUB_COLOUR = "#8a8a8a"
 QUERY_COLOUR = "#ff3b30"
 MAX_HUB_LABELS = 20
@@ -447,6 +448,7 @@ class ExplorerWidget(QWidget):
         if added:
             self.viewer.layers.selection.active = added[0]
             self.viewer.reset_view()
+            self.viewer.camera.zoom *= LABEL_MARGIN  # the labels over the outer boxes stay on the canvas
             # A 2-D view slices through the middle of the boxes, where their particles lie.
             centre = np.asarray(added[0].extent.world).mean(0)
             self.viewer.dims.set_point(range(3), tuple(float(v) for v in centre))
