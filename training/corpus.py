@@ -20,8 +20,9 @@ chains (``1ahsA``) join the group of their PDB entry (``1AHS``). The split is st
 size (``assign_splits``), so every split gets its share of the groups and a like mix of small
 entries and large families of sub-assemblies.
 
-``corpus_id`` is a hash of the manifest without paths and timestamps: the same inputs and
-settings give the same id on any machine, and any change of content or split gives a new one.
+``corpus_id`` is a hash of the manifest without paths and timestamps: the same inputs, settings
+and library builds give the same id, and any change of content or split gives a new one (another
+numpy or SciPy build may change the maps' last bits, and with them the id: docs/CORPUS.md).
 Checkpoints carry it as provenance.
 
 ``Corpus`` is the reader. It needs numpy and mrcfile only (no torch).
