@@ -49,7 +49,7 @@ def checkpoint_for(manifest: dict, given: str | None, index: Path) -> str:
 
 def search(index_spec: str, queries: list[str], *, k: int = 10, checkpoint: str | None = None,
            device: str = "auto", batch_size: int = 4, exclude_self: bool = False) -> list[dict]:
-    """[{"query", "neighbours": [{"name", "source", "distance"}, …]}] for each query map."""
+    """[{"query", "neighbours": [{"name", "source", "distance"}, …], "note"}] for each query map."""
     from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
     from napari_cryoswan.engine import choose_device
     from napari_cryoswan.index import embed_maps, isolation_note, open_index_for, read_manifest

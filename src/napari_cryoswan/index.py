@@ -364,7 +364,7 @@ def isolation_note(spacing: np.ndarray, distance: float) -> str | None:
     share = float(np.mean(spacing < distance))
     return (f"No map of the index is a near copy of this one: the nearest lies at d = {distance:.2f}, "
             f"farther than {share:.0%} of the index's maps lie from their own nearest other map "
-            f"(median d = {np.median(spacing):.2f}). The maps opened are the least unlike, not matches.")
+            f"(median d = {np.median(spacing):.2f}): the nearest maps are the least unlike, not matches.")
 
 
 # --- the index -------------------------------------------------------------------------------------
