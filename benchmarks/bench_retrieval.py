@@ -140,14 +140,19 @@ def methods(loaded, head_path=None, ablations: bool = False) -> dict:
     return found
 
 
-def ranked(queries_ND, gallery_MD, excluded_QM, k: int = 5) -> np.ndarray:
-    """(Q, k) gallery rows nearest to each query, leaving out the excluded ones."""
+def excluded_distances(queries_ND, gallery_MD, excluded_QM) -> np.ndarray:
+    """(Q, M) squared Euclidean distances, infinite where excluded."""
     # A few queries at a time, so that raw voxels against a gallery of hundreds fit in memory.
     chunk = max(1, int(5e7 // (gallery_MD.shape[0] * gallery_MD.shape[1])))
     distances = np.concatenate([((queries_ND[i:i + chunk, None, :] - gallery_MD[None]) ** 2).sum(-1)
                                 for i in range(0, len(queries_ND), chunk)])
     distances[excluded_QM] = np.inf
-    return np.argsort(distances, axis=1)[:, :k]
+    return distances
+
+
+def ranked(queries_ND, gallery_MD, excluded_QM, k: int = 5) -> np.ndarray:
+    """(Q, k) gallery rows nearest to each query, leaving out the excluded ones."""
+    return np.argsort(excluded_distances(queries_ND, gallery_MD, excluded_QM), axis=1)[:, :k]
 
 
 def hits(queries_ND, gallery_MD, query_labels, gallery_labels, excluded_QM) -> np.ndarray:
@@ -223,8 +228,7 @@ def distance_scale(queries_ND, gallery_MD, labels, excluded_QM) -> dict[str, lis
     """The 5th, 50th and 95th percentiles of each query's distance to the nearest map of its own
     entry ("own") and to the nearest map of another ("other"): the scale on which the explorer's
     distances read as "a copy" or "another map"."""
-    distances = np.sqrt(((queries_ND[:, None, :] - gallery_MD[None]) ** 2).sum(-1))
-    distances[excluded_QM] = np.inf
+    distances = np.sqrt(excluded_distances(queries_ND, gallery_MD, excluded_QM))
     same = labels[:, None] == labels[None]
     own, other = np.where(same, distances, np.inf).min(1), np.where(same, np.inf, distances).min(1)
     return {name: np.percentile(values[np.isfinite(values)], [5, 50, 95]).round(3).tolist()

@@ -353,6 +353,15 @@ def distance_from_centre(shape: tuple[int, ...]) -> np.ndarray:
     return np.sqrt(offsets[0][:, None, None] ** 2 + offsets[1][None, :, None] ** 2 + offsets[2][None, None, :] ** 2)
 
 
+def above_contour(data: np.ndarray, *, blur: float = 1.5, sds: float = 1.0) -> np.ndarray:
+    """(float64) ``data`` blurred by ``blur`` voxels (0: not blurred), less its mean + ``sds``
+    s.d., clipped at 0: the density that stands above the contour once noise is smoothed away."""
+    from scipy.ndimage import gaussian_filter
+
+    blurred = gaussian_filter(np.asarray(data, np.float64), blur)
+    return np.clip(blurred - blurred.mean() - sds * blurred.std(), 0.0, None)
+
+
 def inscribed_sphere(data: np.ndarray, *, rim: float = 3.0, min_share: float = 0.01) -> np.ndarray:
     """``data`` with the voxels outside the box's inscribed sphere set to the background level,
     the median of the sphere's outermost ``rim`` voxels.
@@ -363,8 +372,6 @@ def inscribed_sphere(data: np.ndarray, *, rim: float = 3.0, min_share: float = 0
     than ``min_share`` of the density (blurred by 1.5 voxels, above mean + 1 s.d.), as for a
     capsid wider than the box, ``data`` is returned as it is: there is nothing there to keep.
     """
-    from scipy.ndimage import gaussian_filter
-
     data = np.asarray(data, np.float32)
     radius = min(data.shape) / 2.0 - 0.5
     distance = distance_from_centre(data.shape)
@@ -372,8 +379,7 @@ def inscribed_sphere(data: np.ndarray, *, rim: float = 3.0, min_share: float = 0
     rim_voxels = data[inside & (distance > radius - rim)]
     if rim_voxels.size == 0:  # a box of a voxel or two: no sphere inside it to keep
         return data
-    blurred = gaussian_filter(data.astype(np.float64), 1.5)
-    density = np.clip(blurred - blurred.mean() - blurred.std(), 0.0, None)
+    density = above_contour(data)
     if not density[inside].sum() >= min_share * density.sum():
         return data
     return np.where(inside, data, np.median(rim_voxels)).astype(np.float32)
