@@ -67,7 +67,7 @@ def search(index_spec: str, queries: list[str], *, k: int = 10, checkpoint: str 
         hits = index.search(query_D, k, exclude=exclude)
         results.append({"query": str(path), "neighbours": [
             {"name": hit.entry.get("name"), "source": hit.entry.get("source"), "distance": hit.distance}
-            for hit in hits], "note": hits and isolation_note(index.spacing(), hits[0].distance) or None})
+            for hit in hits], "note": isolation_note(index.spacing(), hits[0].distance) if hits else None})
     return results
 
 

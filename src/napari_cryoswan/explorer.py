@@ -595,7 +595,7 @@ def find_similar(explorer: ExplorerIndex, density, *, k: int = 8, device=None,
     report(total, total, "done")
     if record.cut_off_note():
         notes = [n for n in notes if "cut off" not in n] + [record.cut_off_note()]
-    isolated = neighbours and explorer.isolation_note(neighbours[0].distance)
+    isolated = explorer.isolation_note(neighbours[0].distance) if neighbours else None
     if isolated:
         notes = [isolated, *notes]
     return SimilarMaps(vector, xy, record, neighbours, maps, notes)
