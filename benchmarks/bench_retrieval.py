@@ -137,6 +137,8 @@ def methods(loaded, head_path=None, ablations: bool = False) -> dict:
     embedder = Embedder.for_checkpoint(loaded, head_path)
     if embedder.head is not None:
         found["SWAN embedding"] = embedder.embed
+    if embedder.head is not None and embedder.head.descriptor is not None:  # what step 5 adds
+        found[HEAD_ALONE] = Embedder(loaded.model, dataclasses.replace(embedder.head, descriptor=None)).embed
     return found
 
 
@@ -245,6 +247,7 @@ DESCRIPTORS = {"raw voxels": "raw_voxels", "radial spectrum": "radial_power_spec
                "radial spectrum, sphere": "radial_power_spectrum_sphere",
                "3-D Zernike σ2, sphere": "zernike_prefiltered_sphere"}
 ANCHORS = tuple(DESCRIPTORS)
+HEAD_ALONE = "SWAN head alone (no Zernike term)"
 STANDARDISED = ("pooled latent", "SWAN shells", "SWAN shells, no pose", "SWAN shells, no canonical density")
 
 

@@ -18,7 +18,9 @@ is then a query once, against the maps of its own fold:
   never trains on such maps, in any fold.
 
 The classical descriptors of ``bench_retrieval.py`` are measured on the same maps and copies, and
-the SWAN shells (no head) are standardised per fold. What this cannot say: the autoencoder was
+the SWAN shells (no head) are standardised per fold. The embedding's Zernike term (step 5) is
+standardised over the clean maps of the folds its head was fitted on; the head's vector without
+it is a row of its own. What this cannot say: the autoencoder was
 trained on these maps, so its latent may describe them better than a new map's; the held-out
 splits of ``bench_retrieval.py`` stay the test of that.
 
@@ -43,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_retrieval import (  # noqa: E402
-    DESCRIPTORS, add_experiment_arguments, environment, experiment_copies, hits, record_form, report_comparisons,
+    DESCRIPTORS, HEAD_ALONE, add_experiment_arguments, environment, experiment_copies, hits, record_form, report_comparisons,
     standardised, table)
 
 
@@ -87,7 +89,7 @@ def run(args) -> dict:
     import torch
 
     from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
-    from napari_cryoswan.embedding import Embedder
+    from napari_cryoswan.embedding import DESCRIPTOR, DescriptorTerm, Embedder
     from training.corpus import CorpusSet
     from training.train_embedding import cached_view_features, fit_head, view_features, views_key
 
@@ -107,8 +109,9 @@ def run(args) -> dict:
     np.random.default_rng(args.seed).shuffle(structures)
     folds = [np.flatnonzero(np.isin(groups, part)) for part in np.array_split(structures, args.folds)]
     collected = {name: {"clean": [], "hard": [], "experiment": []}
-                 for name in [*DESCRIPTORS, "SWAN shells", "SWAN embedding"]}
+                 for name in [*DESCRIPTORS, "SWAN shells", HEAD_ALONE, "SWAN embedding"]}
     experiment_queries = []
+    zernike = next(name for name, function in DESCRIPTORS.items() if function == DESCRIPTOR)
     for number, held in enumerate(folds, start=1):
         rest = np.setdiff1d(np.arange(len(indices)), held)
         start = time.perf_counter()
@@ -121,8 +124,13 @@ def run(args) -> dict:
                    for name, v in described.items()}
         other_features = None if experiment is None else experiment["features"][others]
         vectors["SWAN shells"] = tuple(standardised(features[held, 0], features[held, 1], other_features))
-        vectors["SWAN embedding"] = tuple(None if f is None else head.apply(torch.from_numpy(f))
-                                          for f in (features[held, 0], features[held, 1], other_features))
+        vectors[HEAD_ALONE] = tuple(None if f is None else head.apply(torch.from_numpy(f))
+                                    for f in (features[held, 0], features[held, 1], other_features))
+        # Step 5, standardised over the clean maps of the folds the head was fitted on.
+        term = DescriptorTerm.fitted(described[zernike][rest, 0], args.descriptor_weight)
+        vectors["SWAN embedding"] = tuple(
+            None if v is None else np.concatenate([v, term.scaled(z)], axis=1)
+            for v, z in zip(vectors[HEAD_ALONE], vectors[zernike]))
         itself = np.eye(len(held), dtype=bool)
         labels = entries[held]
         other_labels = labels[experiment_row[held] >= 0]
@@ -137,8 +145,8 @@ def run(args) -> dict:
                     hits(np.asarray(other, np.float64), clean, other_labels, labels, nothing))
     rows = []
     for name, forms in collected.items():
-        dim = described[name].shape[-1] if name in described else (
-            features.shape[-1] if name == "SWAN shells" else head.out)
+        dim = described[name].shape[-1] if name in described else {
+            "SWAN shells": features.shape[-1], HEAD_ALONE: head.out}.get(name, head.out + len(term.mean))
         row = {"method": name, "dim": int(dim), "ms_per_map": ms_per_view.get(name, float("nan"))}
         for form, parts in forms.items():
             if parts:
@@ -159,9 +167,14 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--steps", type=int, default=600, help="head training steps (the shipped head's 600)")
     p.add_argument("--seed", type=int, default=0, help="draws the folds, the heads and the bootstrap")
+    p.add_argument("--descriptor-weight", type=float, default=None,
+                   help="λ of the embedding's Zernike term (default: the recipe's)")
     add_experiment_arguments(p, "also each single protein and sub-assembly simulated again from its atomic model")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.descriptor_weight is None:
+        from napari_cryoswan.embedding import DESCRIPTOR_WEIGHT
+        args.descriptor_weight = DESCRIPTOR_WEIGHT
     env = environment(args)
     result = run(args)
     print(json.dumps(env, indent=1, default=str))

@@ -1,11 +1,18 @@
-"""The map embedding: canonical density, pose, shell features, the invariance head and its file."""
+"""The map embedding: canonical density, pose, shell features, the invariance head, its Zernike
+term and its file."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
 from napari_cryoswan.checkpoint import load_checkpoint
+from napari_cryoswan.descriptors import describe_boxes
 from napari_cryoswan.embedding import (
+    DESCRIPTOR,
+    DESCRIPTOR_WEIGHT,
+    DescriptorTerm,
     Embedder,
     EmbeddingError,
     canonical_box,
@@ -273,7 +280,33 @@ def test_train_embedding_writes_a_head_that_the_embedder_uses(tiny_corpus, small
     assert "exists" in capsys.readouterr().err
     embedder = Embedder.for_checkpoint(load_checkpoint(checkpoint))
     vectors = embedder.embed(np.stack([_asymmetric(20), _asymmetric(21)]))
-    assert vectors.shape == (2, head.out) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert head.descriptor is not None and head.descriptor.weight == DESCRIPTOR_WEIGHT
+    assert vectors.shape == (2, head.out + len(head.descriptor.mean))  # the head's vector, then step 5's term
+    assert np.allclose(np.linalg.norm(vectors[:, :head.out], axis=1), 1.0, atol=1e-5)
+    alone = tmp_path / "alone.embedding.pt"
+    assert train_embedding.main(["--checkpoint", str(checkpoint), "--corpus", str(tiny_corpus), "--out", str(alone),
+                                 "--steps", "3", "--device", "cpu", "--descriptor-weight", "0"]) == 0
+    assert load_head(alone).descriptor is None
+
+
+def test_the_zernike_term_tells_apart_maps_that_the_head_sends_to_one_vector(swan, tmp_path):
+    """A head whose MLP gives every map the same vector: only step 5 can find a rotated copy, and
+    it does; the term survives the head file and changes the head's id."""
+    gallery = np.stack([_asymmetric(seed) for seed in (40, 41, 42)])
+    queries = np.stack([rotate(box, _turn(7 + k)) for k, box in enumerate(gallery)])
+    width = Embedder(swan.model, None).features(gallery[:1]).shape[1]
+    features = np.random.default_rng(0).normal(0, 1, (48, width)).astype(np.float32)
+    blind = train_embedding.fit_head(features, _labelled_features()[1], autoencoder_id=swan.checkpoint_id, steps=1)
+    blind.state_dict[max(k for k in blind.state_dict if k.endswith(".weight"))].zero_()
+    head = dataclasses.replace(blind, descriptor=DescriptorTerm.fitted(describe_boxes(DESCRIPTOR, gallery)))
+    assert head.head_id != blind.head_id
+    again = load_head(save_head(tmp_path / "term.embedding.pt", head))
+    assert again.head_id == head.head_id and again.descriptor.weight == DESCRIPTOR_WEIGHT
+    head_vectors = Embedder(swan.model, blind).embed(np.concatenate([gallery, queries]))
+    assert np.ptp(head_vectors, axis=0).max() < 1e-6  # the head alone cannot tell the maps apart
+    vectors, query_vectors = (Embedder(swan.model, again).embed(b) for b in (gallery, queries))
+    distances = ((query_vectors[:, None] - vectors[None]) ** 2).sum(-1)
+    assert list(distances.argmin(1)) == [0, 1, 2]
 
 
 def test_a_views_cache_trains_the_next_head_without_encoding_again(tiny_corpus, small_checkpoints, tmp_path,

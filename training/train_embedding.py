@@ -12,7 +12,8 @@ The head records the checkpoint id of its encoder; ``Embedder.for_checkpoint`` f
 is saved beside the checkpoint (``swan.pt`` → ``swan.embedding.pt``). The split must be one the
 autoencoder was trained on, so that the maps retrieval is measured on stay unseen. Several corpora
 are read as one: a head that has seen large assemblies as well as single proteins finds both
-(docs/EXPLORER.md).
+(docs/EXPLORER.md). The head also carries the recipe's Zernike term (step 5), standardised over
+the same clean maps and weighted by ``--descriptor-weight``.
 """
 
 from __future__ import annotations
@@ -54,10 +55,10 @@ def view_features(embedder, corpus, indices, *, degraded: int, seed: int, progre
 
 def views_key(loaded, corpus, split: str, *, degraded: int, seed: int) -> dict:
     """What encoded views depend on: a views cache of another key is encoded again."""
-    from napari_cryoswan.embedding import RECIPE
+    from napari_cryoswan.embedding import FEATURES_RECIPE
 
     return {"checkpoint_id": loaded.checkpoint_id, "corpus_id": corpus.corpus_id, "split": split,
-            "degraded": degraded, "seed": seed, "recipe": RECIPE}
+            "degraded": degraded, "seed": seed, "recipe": FEATURES_RECIPE}
 
 
 def cached_view_features(cache: Path | None, key: dict, compute):
@@ -148,6 +149,9 @@ def parse_args(argv=None):
     p.add_argument("--init-seed", type=int, default=None,
                    help="seeds only the head's initialisation and feature jitter: a head of another "
                         "initialisation on the same views (and the same --views-cache)")
+    p.add_argument("--descriptor-weight", type=float, default=None,
+                   help="λ of the Zernike term appended to the head's vector (default: the recipe's "
+                        "DESCRIPTOR_WEIGHT; 0: the head's vector alone)")
     p.add_argument("--views-cache", type=Path, default=None,
                    help="an .npz file that keeps the encoded views for the next head of the same settings")
     p.add_argument("--out", required=True, help="the head file to write (NAME.embedding.pt beside the checkpoint)")
@@ -160,7 +164,8 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from napari_cryoswan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-    from napari_cryoswan.embedding import Embedder, save_head
+    from napari_cryoswan.descriptors import describe_boxes
+    from napari_cryoswan.embedding import DESCRIPTOR, DESCRIPTOR_WEIGHT, DescriptorTerm, Embedder, save_head
     from napari_cryoswan.engine import choose_device
     from training.corpus import CorpusError, CorpusSet
 
@@ -193,6 +198,11 @@ def main(argv=None) -> int:
         provenance["init_seed"] = init_seed
     head = fit_head(features, labels, autoencoder_id=loaded.checkpoint_id, steps=args.steps, seed=init_seed,
                     groups_M=groups, sibling_weight=args.sibling_weight, provenance=provenance)
+    weight = DESCRIPTOR_WEIGHT if args.descriptor_weight is None else args.descriptor_weight
+    if weight > 0:  # step 5's standardisation: over the clean maps the head was trained on
+        described = [describe_boxes(DESCRIPTOR, corpus.load(int(i))[None])[0]
+                     for i in tqdm(indices, desc="Zernike term", unit="map")]
+        head.descriptor = DescriptorTerm.fitted(np.stack(described), weight)
     save_head(args.out, head, overwrite=args.overwrite)
     print(f"{args.out}: head {head.head_id} for checkpoint {loaded.checkpoint_id}, {len(features)} views of "
           f"{provenance['classes']} shapes, final loss {head.provenance['final_loss']:.3f}, "
