@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_retrieval import (  # noqa: E402
-    DESCRIPTORS, HEAD_ALONE, add_experiment_arguments, environment, experiment_copies, hits, record_form, report_comparisons,
-    standardised, table)
+    DESCRIPTORS, HEAD_ALONE, add_experiment_arguments, environment, experiment_copies, hits, record_form,
+    report_comparisons, standardised, table)
 
 
 def descriptor_views(corpus, indices, *, seed: int) -> tuple[dict, dict]:
@@ -145,9 +145,7 @@ def run(args) -> dict:
                     hits(np.asarray(other, np.float64), clean, other_labels, labels, nothing))
     rows = []
     for name, forms in collected.items():
-        dim = described[name].shape[-1] if name in described else {
-            "SWAN shells": features.shape[-1], HEAD_ALONE: head.out}.get(name, head.out + len(term.mean))
-        row = {"method": name, "dim": int(dim), "ms_per_map": ms_per_view.get(name, float("nan"))}
+        row = {"method": name, "dim": int(np.shape(vectors[name][0])[-1]), "ms_per_map": ms_per_view.get(name, float("nan"))}
         for form, parts in forms.items():
             if parts:
                 record_form(row, form, np.concatenate(parts))
@@ -159,6 +157,8 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
+    from napari_cryoswan.embedding import DESCRIPTOR_WEIGHT
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--corpus", required=True, nargs="+", help="the corpora the head is trained on")
     p.add_argument("--checkpoint", default="bundled:swan")
@@ -167,14 +167,11 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--steps", type=int, default=600, help="head training steps (the shipped head's 600)")
     p.add_argument("--seed", type=int, default=0, help="draws the folds, the heads and the bootstrap")
-    p.add_argument("--descriptor-weight", type=float, default=None,
-                   help="λ of the embedding's Zernike term (default: the recipe's)")
+    p.add_argument("--descriptor-weight", type=float, default=DESCRIPTOR_WEIGHT,
+                   help=f"λ of the embedding's Zernike term (default: the recipe's, {DESCRIPTOR_WEIGHT})")
     add_experiment_arguments(p, "also each single protein and sub-assembly simulated again from its atomic model")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    if args.descriptor_weight is None:
-        from napari_cryoswan.embedding import DESCRIPTOR_WEIGHT
-        args.descriptor_weight = DESCRIPTOR_WEIGHT
     env = environment(args)
     result = run(args)
     print(json.dumps(env, indent=1, default=str))

@@ -134,6 +134,8 @@ def fit_head(features_MF: np.ndarray, labels_M: np.ndarray, *, autoencoder_id: s
 
 
 def parse_args(argv=None):
+    from napari_cryoswan.embedding import DESCRIPTOR_WEIGHT
+
     p = argparse.ArgumentParser(prog="python -m training.train_embedding", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="the autoencoder (a file or bundled:NAME)")
     p.add_argument("--corpus", required=True, nargs="+",
@@ -149,9 +151,9 @@ def parse_args(argv=None):
     p.add_argument("--init-seed", type=int, default=None,
                    help="seeds only the head's initialisation and feature jitter: a head of another "
                         "initialisation on the same views (and the same --views-cache)")
-    p.add_argument("--descriptor-weight", type=float, default=None,
+    p.add_argument("--descriptor-weight", type=float, default=DESCRIPTOR_WEIGHT,
                    help="λ of the Zernike term appended to the head's vector (default: the recipe's "
-                        "DESCRIPTOR_WEIGHT; 0: the head's vector alone)")
+                        f"{DESCRIPTOR_WEIGHT}; 0: the head's vector alone)")
     p.add_argument("--views-cache", type=Path, default=None,
                    help="an .npz file that keeps the encoded views for the next head of the same settings")
     p.add_argument("--out", required=True, help="the head file to write (NAME.embedding.pt beside the checkpoint)")
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
 
     from napari_cryoswan.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
     from napari_cryoswan.descriptors import describe_boxes
-    from napari_cryoswan.embedding import DESCRIPTOR, DESCRIPTOR_WEIGHT, DescriptorTerm, Embedder, save_head
+    from napari_cryoswan.embedding import DESCRIPTOR, DescriptorTerm, Embedder, save_head
     from napari_cryoswan.engine import choose_device
     from training.corpus import CorpusError, CorpusSet
 
@@ -198,11 +200,10 @@ def main(argv=None) -> int:
         provenance["init_seed"] = init_seed
     head = fit_head(features, labels, autoencoder_id=loaded.checkpoint_id, steps=args.steps, seed=init_seed,
                     groups_M=groups, sibling_weight=args.sibling_weight, provenance=provenance)
-    weight = DESCRIPTOR_WEIGHT if args.descriptor_weight is None else args.descriptor_weight
-    if weight > 0:  # step 5's standardisation: over the clean maps the head was trained on
+    if args.descriptor_weight > 0:  # step 5's standardisation: over the clean maps the head was trained on
         described = [describe_boxes(DESCRIPTOR, corpus.load(int(i))[None])[0]
                      for i in tqdm(indices, desc="Zernike term", unit="map")]
-        head.descriptor = DescriptorTerm.fitted(np.stack(described), weight)
+        head.descriptor = DescriptorTerm.fitted(np.stack(described), args.descriptor_weight)
     save_head(args.out, head, overwrite=args.overwrite)
     print(f"{args.out}: head {head.head_id} for checkpoint {loaded.checkpoint_id}, {len(features)} views of "
           f"{provenance['classes']} shapes, final loss {head.provenance['final_loss']:.3f}, "
