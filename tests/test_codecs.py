@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from napari_cryoswan.codecs import (CODEC_NAMES, BudgetTooSmall, DctCodec, _read_varints,
-                                    _varints, get_codec, latent_bits)
+                                    _varints, get_codec, index_stream, latent_bits,
+                                    read_index_stream)
 
 
 def simulated_density(box=32, atoms=60, seed=0):
@@ -149,3 +150,24 @@ def test_latent_bits_of_a_vae_counts_32_bit_floats():
     from napari_cryoswan.models.registry import build_model
 
     assert sum(latent_bits(build_model("drgn-vae", preset="small")).values()) == 8 * 32  # z_dim 8
+
+
+def test_index_streams_round_trip_and_code_repeated_indices_in_fewer_bits():
+    rng = np.random.default_rng(0)
+    varied = rng.integers(0, 4096, 5000)  # no repeats to exploit: packed at 12 bits each
+    blob = index_stream(varied, 4096)
+    assert len(blob) == 1 + 5000 * 12 // 8
+    assert np.array_equal(read_index_stream(blob, 5000, 4096), varied)
+    solvent = np.where(rng.random(5000) < 0.9, 17, rng.integers(0, 4096, 5000))  # one code dominates
+    blob = index_stream(solvent, 4096)
+    assert len(blob) * 8 < 0.5 * 5000 * 12
+    assert np.array_equal(read_index_stream(blob, 5000, 4096), solvent)
+    odd = rng.integers(0, 100, 7)  # 7 bits each, padded to whole bytes
+    assert np.array_equal(read_index_stream(index_stream(odd, 100), 7, 100), odd)
+
+
+def test_index_streams_refuse_indices_outside_the_codebook_and_unknown_streams():
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        index_stream(np.array([0, 128]), 128)
+    with pytest.raises(ValueError, match="unknown kind"):
+        read_index_stream(b"\x07abc", 3, 128)

@@ -28,14 +28,21 @@ def test_report_on_a_corpus_split(tiny_corpus, small_checkpoints, tmp_path):
     assert [r["model"] for r in rows] == [
         "swan (RQ1+RQ2)", "swan (RQ2)", "wavelet @ swan's bits", "dct @ swan's bits",
         "swan-rq1 (RQ1)", "wavelet @ swan-rq1's bits", "dct @ swan-rq1's bits"]
-    # bits per map: the small presets' latents (7-bit indices), and streams within them
-    assert [rows[i]["bits_per_map"] for i in (0, 1, 4)] == ["76622", "4095", "72527"]  # RQ2: 585 codes
-    for row in rows:
-        budget = (76_622 if "swan's" in row["model"] or row["model"] == "swan (RQ1+RQ2)" else
-                  4_095 if row["model"] == "swan (RQ2)" else 72_527)
+    # bits per map: the small presets' latents at a fixed width (7-bit indices; RQ2: 585 codes),
+    # the real streams of their indices, and the codecs' streams within those
+    assert [rows[i]["fixed_bits_per_map"] for i in (0, 1, 4)] == ["76622", "4095", "72527"]
+    coded = {label: index_stream_bits(load_checkpoint(path).model, levels, tiny_corpus)
+             for label, path, levels in (("swan", paths[0], ("rq1", "rq2")), ("RQ2", paths[0], ("rq2",)),
+                                         ("swan-rq1", paths[1], ("rq1",)))}
+    assert [float(rows[i]["bits_per_map"]) for i in (0, 1, 4)] == pytest.approx(
+        [coded["swan"], coded["RQ2"], coded["swan-rq1"]], rel=1e-5)
+    for row in rows[2:4] + rows[5:]:
+        budget = int(coded["swan" if "swan's" in row["model"] else "swan-rq1"])
         assert int(row["bit_budget"]) == budget and 0 < float(row["bits_per_map"]) <= budget
     assert rows[2]["budget_of"] == "swan (RQ1+RQ2)" and rows[2]["checkpoint"] == paths[0]
-    assert "| model | bits/map | MSE ↓" in markdown and "| swan (RQ1+RQ2) | 76,622 |" in markdown
+    assert "| model | bits/map | MSE ↓" in markdown
+    assert f"| swan (RQ1+RQ2) | {coded['swan']:,.0f} |" in markdown
+    assert "fixed width" in markdown and "swan (RQ1+RQ2) 76,622" in markdown
 
     # the numbers are what the metrics module gives for these reconstructions
     data = Corpus(tiny_corpus)
@@ -58,8 +65,25 @@ def test_report_on_a_corpus_split(tiny_corpus, small_checkpoints, tmp_path):
     assert len(report["results"][0]["fsc_mean"]) == 33
     codec_row = report["results"][2]
     assert (codec_row["variant"], codec_row["codebook_usage"]) == ("wavelet", {})
-    assert codec_row["bit_budget"] == 76_622 and len(codec_row["fsc_mean"]) == 33
+    assert codec_row["bit_budget"] == int(coded["swan"]) and len(codec_row["fsc_mean"]) == 33
+    assert report["results"][0]["fixed_bits"] == 76_622
     assert "| wavelet @ swan's bits |" not in markdown.split("## Codebook usage")[1]
+
+
+def index_stream_bits(model, levels, corpus) -> float:
+    """The mean size of the test maps' index streams at ``levels``, encoded here in one batch."""
+    import torch
+
+    from napari_cryoswan.codecs import index_stream
+
+    data = Corpus(corpus)
+    volumes = torch.from_numpy(data.load_batch(data.split_indices("test")))[:, None]
+    with torch.inference_mode():
+        codes = model.eval().encode(volumes).codes
+    total = [sum(8 * len(index_stream(torch.cat([t[b].ravel() for t in codes[level]]).numpy(),
+                                      model.codebooks()[level].size)) for level in levels)
+             for b in range(len(volumes))]
+    return float(np.mean(total))
 
 
 def test_codec_rows_are_scored_from_their_bytes_like_the_models(tiny_corpus, small_checkpoints,
@@ -76,10 +100,11 @@ def test_codec_rows_are_scored_from_their_bytes_like_the_models(tiny_corpus, sma
     data = Corpus(tiny_corpus)
     volumes = data.load_batch(data.split_indices("test"))
     codec = get_codec("wavelet")
-    blobs = [codec.encode(v, 3626) for v in volumes]  # 0.05 × 72,527 bits
+    budget = int(rows[2]["bit_budget"])  # 0.05 × the mean size of the model's index streams
+    assert budget == pytest.approx(0.05 * float(rows[0]["bits_per_map"]), abs=1)
+    blobs = [codec.encode(v, budget) for v in volumes]
     recon = [codec.decode(b, v.shape) for b, v in zip(blobs, volumes)]
-    assert int(rows[2]["bit_budget"]) == 3626
-    assert float(rows[2]["bits_per_map"]) == pytest.approx(np.mean([len(b) * 8 for b in blobs]))
+    assert float(rows[2]["bits_per_map"]) == pytest.approx(np.mean([len(b) * 8 for b in blobs]), rel=1e-5)
     psnr = np.mean([voxel_metrics(p, t)["psnr"] for p, t in zip(recon, volumes)])
     assert float(rows[2]["psnr"]) == pytest.approx(psnr, rel=1e-4)
     assert float(rows[1]["psnr"]) > float(rows[2]["psnr"])  # more bits, a closer map
@@ -90,7 +115,8 @@ def test_codecs_can_be_left_out(tiny_corpus, small_checkpoints, tmp_path):
     assert main(["--checkpoints", str(small_checkpoints["swan-rq1"]), "--corpus", str(tiny_corpus),
                  "--out", str(out), "--device", "cpu", "--codecs"]) == 0
     rows = list(csv.DictReader(open(out / "report.csv")))
-    assert [(r["model"], r["bits_per_map"]) for r in rows] == [("swan-rq1 (RQ1)", "72527")]
+    assert [(r["model"], r["fixed_bits_per_map"]) for r in rows] == [("swan-rq1 (RQ1)", "72527")]
+    assert 0 < float(rows[0]["bits_per_map"]) <= 72527 + 15  # a stream's header byte and padding
 
 
 def test_two_checkpoints_of_one_model_are_named_by_their_runs(tiny_corpus, small_checkpoints, tmp_path):

@@ -14,9 +14,11 @@ Each model is followed by textbook codecs given the same bits per map as its lat
 (``--codecs wavelet dct``, the default; ``--codecs`` alone for none): a real bitstream per map,
 decoded and scored like the model's reconstructions, so the report shows what the learned latent
 buys over a classical coder (``napari_cryoswan.codecs``). ``--codec-fractions 1 0.25`` adds rows
-at fractions of that budget. The "bits/map" column holds the latent's bits for a model
-(``codecs.latent_bits`` over its levels; a single-level variant such as "RQ2" counts its level's
-alone) and the mean size of the real streams for a codec.
+at fractions of that budget. The "bits/map" column holds, for a quantized model, the mean size of
+a real stream of each map's code indices (``codecs.index_stream``, per level; a single-level
+variant such as "RQ2" counts its level's alone), and the codecs' budget is that mean; for a
+codec, the mean size of its streams. The notes under the table give each model's indices at a
+fixed width too (``codecs.latent_bits``); a continuous latent (the VAEs') counts 32-bit floats.
 
 Per-volume metrics are averaged over the volumes. The FSC resolutions are read off the mean FSC
 curve over the volumes (as a figure of FSC curves shows them), at the thresholds 0.5 and 0.143.
@@ -88,9 +90,11 @@ class ModelResult:
     codebook_usage: dict
     fsc_resolutions: dict[str, Resolution] = field(default_factory=dict)
     fsc_per_map: dict[str, dict[str, int]] = field(default_factory=dict)
-    # bits per map: a model's latent (``codecs.latent_bits``), a codec's streams (their mean);
-    # a codec was given ``bit_budget``, a fraction of the bits of the model row ``budget_of``
+    # bits per map: a model's coded latent or a codec's streams (their mean), and a model's
+    # indices at a fixed width; a codec was given ``bit_budget``, a fraction of the bits of the
+    # model row ``budget_of``
     bits: float | None = None
+    fixed_bits: int | None = None
     bit_budget: int | None = None
     budget_of: str | None = None
     # a trained model's seed, and its training recipe without the seed: rows that share a
@@ -171,19 +175,23 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
         # several checkpoints of one model: each row names its run
         shown = f"{_checkpoint_tag(path)}: {name}" if model_names.count(name) > 1 else name
         progress(f"evaluating {path} ({name}) on {len(volumes)} volumes")
-        level_bits = _latent_bits(loaded.model, loaded.contract.box)
-        bits = sum(level_bits.values()) if level_bits is not None else None
+        fixed_bits = _latent_bits(loaded.model, loaded.contract.box)
         scores, curves = evaluate_volumes(loaded.model, volumes, voxel_size, session.device,
                                           batch_size)
         usage = loaded.model.codebook_usage()
+        level_bits = (None if fixed_bits is None else
+                      {**fixed_bits, **coded_bits(loaded.model, volumes, session.device, batch_size)})
+        bits = sum(level_bits.values()) if level_bits is not None else None
         seed, recipe = _seed_and_recipe(loaded)
         model_rows = []
         for variant, scored in scores.items():
             label = f"{shown} ({variant})" if variant != name else shown
             # a single-level variant ("RQ2", the in-model "RQ1") decodes that level's codes only
-            used = level_bits.get(variant.lower(), bits) if level_bits is not None else None
+            used, fixed = ((None, None) if level_bits is None else
+                           (level_bits.get(variant.lower(), bits),
+                            fixed_bits.get(variant.lower(), sum(fixed_bits.values()))))
             model_rows.append(_result(label, variant, name, path, loaded.checkpoint_id, scored,
-                                      curves[variant], usage, bits=used, bit_budget=used,
+                                      curves[variant], usage, bits=used, fixed_bits=fixed,
                                       seed=seed, recipe=recipe))
         results += model_rows
         for codec_name in codecs if bits is not None else ():
@@ -230,6 +238,25 @@ def _result(label, variant, model, path, checkpoint_id, scored, curve, usage, **
     return ModelResult(label, variant, model, str(path), checkpoint_id, metrics, freq.tolist(),
                        correlation.tolist(), usage, fsc_resolutions=resolutions,
                        fsc_per_map={c: scored[f"{c}_per_map"] for c in FSC_COLUMNS}, **bits)
+
+
+def coded_bits(model, volumes: np.ndarray, device, batch_size: int = 4) -> dict[str, float]:
+    """Each quantized level's mean bits per map as a real stream of its code indices
+    (``codecs.index_stream``), over ``volumes`` (N, D, H, W); continuous levels are left out."""
+    from napari_cryoswan.codecs import index_stream
+    from napari_cryoswan.engine import map_batches
+
+    sizes = {level: book.size for level, book in model.codebooks().items()}
+    model = model.to(device).eval()
+    streams: dict[str, list[int]] = {}
+    for codes in map_batches(lambda x: model.encode(x).codes, volumes, device, batch_size):
+        for level, per_scale in codes.items():
+            if per_scale[0].is_floating_point():
+                continue
+            for b in range(len(per_scale[0])):
+                indices = np.concatenate([t[b].numpy().ravel() for t in per_scale])
+                streams.setdefault(level, []).append(8 * len(index_stream(indices, sizes[level])))
+    return {level: float(np.mean(bits)) for level, bits in streams.items()}
 
 
 def _latent_bits(model, box: int) -> dict[str, int] | None:
@@ -292,17 +319,19 @@ def write_report(results: list[ModelResult], out: Path, description: str) -> Non
     with atomic_path(out / "report.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         # FSC columns hold the Å of a crossing, empty otherwise; the *_kind columns say which.
-        # bits_per_map: the latent's bits (a model) or the streams' mean size (a codec), which
-        # fits bit_budget, a share of the bits of the model row named in budget_of.
+        # bits_per_map: the streams' mean size, of a model's code indices or a codec's maps (which
+        # fits bit_budget, a share of the bits of the model row named in budget_of);
+        # fixed_bits_per_map: a model's indices at a fixed width.
         writer.writerow(["model", "checkpoint", "checkpoint_id", *METRIC_COLUMNS,
-                         *(f"{c}_kind" for c in FSC_COLUMNS), "bits_per_map", "bit_budget",
-                         "budget_of"])
+                         *(f"{c}_kind" for c in FSC_COLUMNS), "bits_per_map",
+                         "fixed_bits_per_map", "bit_budget", "budget_of"])
         for r in results:
             writer.writerow([r.label, r.checkpoint, r.checkpoint_id,
                              *("" if r.metrics[c] is None else f"{r.metrics[c]:.6g}"
                                for c in METRIC_COLUMNS),
                              *(r.fsc_resolutions[c].kind for c in FSC_COLUMNS),
                              "" if r.bits is None else f"{r.bits:.6g}",
+                             "" if r.fixed_bits is None else r.fixed_bits,
                              "" if r.bit_budget is None else r.bit_budget, r.budget_of or ""])
     write_text_atomic(out / "report.md", _markdown(results, description))
     _plot_fsc(results, out / "fsc.png")
@@ -416,10 +445,15 @@ def _bits_notes(results: list[ModelResult]) -> list[str]:
     """What the bits/map column counts, said once under the table."""
     if all(r.bits is None for r in results):
         return []
-    notes = ["bits/map: a model's latent per map, every level's code indices at "
-             "ceil(log2(codebook size)) bits each (the VAEs' latents: 32-bit floats); a codec's, "
-             "the mean size of its real bitstreams, header included, each within the budget "
-             "named in its row (codec rows: napari_cryoswan.codecs)."]
+    notes = ["bits/map: the mean size of real streams, header included: of each map's code "
+             "indices for a model (per level, the shorter of fixed-width packing and LZMA: "
+             "napari_cryoswan.codecs.index_stream; the VAEs' latents: 32-bit floats), of each "
+             "map for a codec, within the budget named in its row."]
+    fixed = [f"{r.label} {r.fixed_bits:,}" for r in results
+             if r.fixed_bits is not None and r.fixed_bits != r.bits]
+    if fixed:
+        notes.append("At a fixed width of ceil(log2(codebook size)) bits per index the latents "
+                     "take: " + ", ".join(fixed) + ".")
     if any(r.variant == "RQ1+RQ2" for r in results):
         notes.append("Cryo-SWAN's latent counts RQ1 and RQ2, though in the literal Algorithm 1 "
                      "(decoder_input 'rq1', docs/MODELS.md) its decoder reads RQ1 only.")

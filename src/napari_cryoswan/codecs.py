@@ -20,6 +20,10 @@ shrink the streams further), but honest, short and standard.
   Radius and step are chosen together for the least error (the transform is orthonormal, so the
   error is summed over coefficients, without an inverse transform).
 
+A model's latent is counted two ways: ``latent_bits``, its code indices at a fixed width, and
+``index_stream``, a real stream of one map's indices, whose size is what the codecs are compared
+at (fixed-width indices spend as many bits on the empty solvent as on the particle).
+
 Shapes: a volume is (D, H, W) float; decode returns float32 of the shape given.
 """
 
@@ -40,6 +44,7 @@ _QUICK_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 1}]  # only to rank choice
 _HEADER = struct.Struct("<fI")  # quantizer step (float32), a count (uint32)
 _SEARCH_TOLERANCE = 1e-3  # bisection stops when two steps differ by less than this ratio
 FLOAT_BITS = 32
+_PACKED_STREAM, _LZMA_STREAM = 0, 1  # the first byte of an index stream
 
 
 class Codec(Protocol):
@@ -92,8 +97,49 @@ def latent_bits(model, box: int = 64) -> dict[str, int]:
         if tensors[0].is_floating_point():
             bits[level] = values * FLOAT_BITS
         else:
-            bits[level] = values * math.ceil(math.log2(books[level].size))
+            bits[level] = values * index_width(books[level].size)
     return bits
+
+
+def index_width(codebook_size: int) -> int:
+    """Bits per code index at a fixed width: ceil(log2(codebook size))."""
+    return math.ceil(math.log2(codebook_size))
+
+
+def index_stream(indices: np.ndarray, codebook_size: int) -> bytes:
+    """One map's code indices at one level (its scales flattened in order) as a real stream.
+
+    The stream is the shorter of two: the indices packed at ``index_width`` bits each (what
+    ``latent_bits`` counts), or LZMA over them as 16-bit integers. One leading byte says which.
+    LZMA wins where codes repeat, as over the flat solvent around a particle, where every
+    position takes the same few codes; a wavelet codec gets that region almost free, so a
+    model's latent is compared with it at this size, not at the fixed width.
+    """
+    indices = np.asarray(indices).ravel()
+    if codebook_size > 1 << 16:
+        raise ValueError(f"codebooks of over 65,536 codes do not fit 16-bit indices ({codebook_size})")
+    if indices.size and (indices.min() < 0 or indices.max() >= codebook_size):
+        raise ValueError(f"code indices must lie in [0, {codebook_size})")
+    width = index_width(codebook_size)
+    bits_IW = (indices.astype(np.int64)[:, None] >> np.arange(width - 1, -1, -1)) & 1
+    packed = np.packbits(bits_IW.astype(np.uint8).ravel()).tobytes()
+    squeezed = lzma.compress(indices.astype("<u2").tobytes(), format=lzma.FORMAT_RAW,
+                             filters=_FILTERS)
+    return bytes([_LZMA_STREAM]) + squeezed if len(squeezed) < len(packed) else (
+        bytes([_PACKED_STREAM]) + packed)
+
+
+def read_index_stream(blob: bytes, count: int, codebook_size: int) -> np.ndarray:
+    """The ``count`` code indices of an ``index_stream`` (int64)."""
+    kind, body = blob[0], blob[1:]
+    if kind == _LZMA_STREAM:
+        raw = lzma.decompress(body, format=lzma.FORMAT_RAW, filters=_FILTERS)
+        return np.frombuffer(raw, "<u2")[:count].astype(np.int64)
+    if kind != _PACKED_STREAM:
+        raise ValueError(f"corrupt index stream: unknown kind {kind}")
+    width = index_width(codebook_size)
+    bits_IW = np.unpackbits(np.frombuffer(body, np.uint8))[: count * width].reshape(count, width)
+    return (bits_IW.astype(np.int64) << np.arange(width - 1, -1, -1)).sum(axis=1)
 
 
 # --------------------------------------------------------------------------------------------
