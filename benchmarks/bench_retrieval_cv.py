@@ -27,7 +27,9 @@ splits of ``bench_retrieval.py`` stay the test of that.
     python benchmarks/bench_retrieval_cv.py --corpus corpus_default corpus_assemblies \\
         --checkpoint bundled:swan --views-cache views.npz --experiment --json retrieval_cv.json
 
-``--views-cache`` is ``train_embedding``'s cache of encoded views (the same key), so a cache from
+``--descriptor-weight 0.5 1 2 3 5 10`` measures the embedding at several weights of its Zernike
+term in one run (the sweep that chose λ, docs/EXPLORER.md). ``--views-cache`` is
+``train_embedding``'s cache of encoded views (the same key), so a cache from
 training the head saves the half hour of encoding.
 """
 
@@ -108,8 +110,9 @@ def run(args) -> dict:
     structures = np.unique(groups)
     np.random.default_rng(args.seed).shuffle(structures)
     folds = [np.flatnonzero(np.isin(groups, part)) for part in np.array_split(structures, args.folds)]
+    fused = {embedding_row(w, k): w for k, w in enumerate(args.descriptor_weight)}
     collected = {name: {"clean": [], "hard": [], "experiment": []}
-                 for name in [*DESCRIPTORS, "SWAN shells", HEAD_ALONE, "SWAN embedding"]}
+                 for name in [*DESCRIPTORS, "SWAN shells", HEAD_ALONE, *fused]}
     experiment_queries = []
     zernike = next(name for name, function in DESCRIPTORS.items() if function == DESCRIPTOR)
     for number, held in enumerate(folds, start=1):
@@ -127,10 +130,10 @@ def run(args) -> dict:
         vectors[HEAD_ALONE] = tuple(None if f is None else head.apply(torch.from_numpy(f))
                                     for f in (features[held, 0], features[held, 1], other_features))
         # Step 5, standardised over the clean maps of the folds the head was fitted on.
-        term = DescriptorTerm.fitted(described[zernike][rest, 0], args.descriptor_weight)
-        vectors["SWAN embedding"] = tuple(
-            None if v is None else np.concatenate([v, term.scaled(z)], axis=1)
-            for v, z in zip(vectors[HEAD_ALONE], vectors[zernike]))
+        for name, weight in fused.items():
+            term = DescriptorTerm.fitted(described[zernike][rest, 0], weight)
+            vectors[name] = tuple(None if v is None else np.concatenate([v, term.scaled(z)], axis=1)
+                                  for v, z in zip(vectors[HEAD_ALONE], vectors[zernike]))
         itself = np.eye(len(held), dtype=bool)
         labels = entries[held]
         other_labels = labels[experiment_row[held] >= 0]
@@ -152,8 +155,27 @@ def run(args) -> dict:
         rows.append(row)
     order = np.concatenate(folds)
     return {"maps": len(indices), "entries": len(set(entries)), "structures": len(structures),
-            "checkpoint_id": loaded.checkpoint_id, "rows": rows, "entries_of_queries": entries[order].tolist(),
+            "checkpoint_id": loaded.checkpoint_id, "rows": rows, "descriptor": zernike, "entries_of_queries": entries[order].tolist(),
             "entries_of_experiment_queries": np.concatenate(experiment_queries).tolist()}
+
+
+def embedding_row(weight: float, position: int) -> str:
+    """The row of the embedding at one λ: the first weight given is the one compared with the
+    descriptors, under the name the comparison reads."""
+    return "SWAN embedding" if position == 0 else f"SWAN embedding, λ = {weight:g}"
+
+
+def misses_table(result: dict) -> str:
+    """Top-1 misses of the head alone, of the embedding at each λ and of the Zernike term's
+    descriptor alone."""
+    shown = (HEAD_ALONE, result["descriptor"])
+    rows = [r for r in result["rows"] if r["method"] in shown or r["method"].startswith("SWAN embedding")]
+    forms = [f for f in ("clean", "hard", "experiment") if f"{f}_hits" in rows[0]]
+    lines = ["| method | " + " | ".join(f"{f} misses (of {len(rows[0][f'{f}_hits'])})" for f in forms) + " |",
+             "|---" * (len(forms) + 1) + "|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | " + " | ".join(str(r[f"{f}_hits"].count(False)) for f in forms) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -167,8 +189,9 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--steps", type=int, default=600, help="head training steps (the shipped head's 600)")
     p.add_argument("--seed", type=int, default=0, help="draws the folds, the heads and the bootstrap")
-    p.add_argument("--descriptor-weight", type=float, default=DESCRIPTOR_WEIGHT,
-                   help=f"λ of the embedding's Zernike term (default: the recipe's, {DESCRIPTOR_WEIGHT})")
+    p.add_argument("--descriptor-weight", type=float, nargs="+", default=[DESCRIPTOR_WEIGHT], metavar="λ",
+                   help=f"λ of the embedding's Zernike term (default: the recipe's, {DESCRIPTOR_WEIGHT}); "
+                        "several: a row for each, the first compared with the descriptors")
     add_experiment_arguments(p, "also each single protein and sub-assembly simulated again from its atomic model")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -178,6 +201,7 @@ def main(argv=None) -> int:
     print(f"\n{result['maps']} maps of {result['entries']} entries and {result['structures']} structures, "
           f"{args.folds} folds by structure\n")
     print(table(result))
+    print("\n" + misses_table(result))
     result["comparisons"] = report_comparisons(result, args.seed)
     if args.json:
         Path(args.json).write_text(json.dumps({**env, **result}, indent=1, default=str))
