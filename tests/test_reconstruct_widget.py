@@ -264,6 +264,20 @@ def test_a_map_far_from_the_training_data_is_flagged_before_the_run(viewer_with_
     assert shown(widget.concerns) and "only" in widget.concerns.value
 
 
+def test_the_status_adds_only_new_warnings_and_is_cleared_for_another_map(qtbot, viewer_with_widget,
+                                                                         make_blob_map, notifications):
+    viewer, widget = viewer_with_widget
+    tiny = add_map(viewer, make_blob_map(shape=(18, 4, 11), voxel=(0.45,) * 3), "microED")
+    widget.layer.value = tiny
+    concern = widget.concerns.value.splitlines()[0].removeprefix("⚠ ")
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done: microED RQ1+RQ2")
+    assert concern not in widget.status.value and concern in widget.concerns.value  # said once
+    assert any(concern in message for kind, message in notifications if kind == "show_warning")
+    widget.layer.value = add_map(viewer, make_blob_map(), "blobs")
+    assert widget.status.value == "" and widget.progress.value == 0  # not the last map's result
+
+
 def test_density_cut_off_by_the_box_reaches_the_user(qtbot, viewer_with_widget, notifications):
     viewer, widget = viewer_with_widget
     grid = np.indices((100, 40, 40)).astype(np.float32)

@@ -171,6 +171,7 @@ class ModelJobWidget(Container):
         self.jobs = LayerJobRunner(viewer, self._on_stage)
         self._started = 0.0
         self.layer.changed.connect(self.describe)
+        self.layer.changed.connect(self._forget_last_run)
         self.checkpoint.changed.connect(self.describe)
         self.device.changed.connect(self._set_device)
         self.run_button.clicked.connect(self.run)
@@ -194,7 +195,8 @@ class ModelJobWidget(Container):
 
     @abc.abstractmethod
     def show(self, job: Job, result) -> str:
-        """Turn a current result into layers (UI thread); returns the status line."""
+        """Turn a current result into layers (UI thread); returns the status line (the
+        result's ``notes`` that the concerns above do not show are added to it)."""
 
     def contour_level(self) -> float | None:
         """The contour level to mask the map at before the model sees it (None: no mask)."""
@@ -267,8 +269,11 @@ class ModelJobWidget(Container):
 
         self._set_running(False)
         self.progress.value = self.progress.max
-        self.status.value = self.show(job, result)
-        for note in getattr(result, "notes", ()):
+        notes = list(getattr(result, "notes", ()))
+        # the concerns label already shows the chosen map's warnings: say only what it does not
+        unshown = [n for n in notes if job.layer is not self.layer.value or n not in self.concerns.value]
+        self.status.value = self.show(job, result) + "".join(f" ⚠ {n}" for n in unshown)
+        for note in notes:
             show_warning(f"{job.layer.name}: {note}")
 
     def _on_dropped(self, job: Job, reason: str) -> None:
@@ -294,6 +299,12 @@ class ModelJobWidget(Container):
 
         self.status.value = message
         show_error(message)
+
+    def _forget_last_run(self, *args) -> None:
+        """Another map chosen: the last run's status and progress no longer describe it."""
+        if not self.jobs.running:
+            self.status.value = ""
+            self.progress.value = 0
 
     def _set_running(self, running: bool) -> None:
         self.run_button.enabled = not running

@@ -77,10 +77,7 @@ class DenoiseWidget(ModelJobWidget):
                          or self.viewer.add_layer(Layer.create(*data)))
         self.viewer.layers.selection.active = shown[-1]  # the denoised map
         self.describe()  # the checkpoint is loaded now: the plan can name its own contract
-        status = f"Done: {', '.join(layer.name for layer in shown)}. {result.summary()}"
-        if result.notes:
-            status += " ⚠ " + " ".join(result.notes)
-        return status
+        return f"Done: {', '.join(layer.name for layer in shown)}. {result.summary()}"
 
     def _uses_checkpoint(self) -> bool:
         return DENOISE_METHODS[self.method.value].needs_model

@@ -80,8 +80,5 @@ class GenerateWidget(ModelJobWidget):
             self.viewer.reset_view()  # fit every cell, not one layer's box
         self.viewer.layers.selection.active = added[0]
         correlations = ", ".join(f"{c:.2f}" for c in result.correlation_to_anchor)
-        status = (f"Done: {len(added)} variant{'s' * (len(added) > 1)} of {job.layer.name} at strength "
-                  f"{result.strength:g}. Correlation with the anchor: {correlations}.")
-        if result.notes:
-            status += " ⚠ " + " ".join(result.notes)
-        return status
+        return (f"Done: {len(added)} variant{'s' * (len(added) > 1)} of {job.layer.name} at strength "
+                f"{result.strength:g}. Correlation with the anchor: {correlations}.")

@@ -80,8 +80,6 @@ class ReconstructWidget(ModelJobWidget):
         if not any(v.variant.startswith("RQ1") and "+" not in v.variant for v in result.variants):
             status += (". RQ1 alone: not run (this checkpoint does not decode level 1 alone, and no "
                        "RQ1 control checkpoint was chosen).")
-        if result.notes:
-            status += " ⚠ " + " ".join(result.notes)
         return status
 
     def _name_scale_step(self, *args) -> None:
