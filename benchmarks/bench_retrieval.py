@@ -29,7 +29,8 @@ sphere``: the crop the embedding makes, ``preprocess.inscribed_sphere``), from
 over the box, as the paper's UMAP pools it); ``SWAN shells`` (the embedding recipe without its
 head), ``SWAN embedding`` (with the checkpoint's invariance head, when it has one) and, when
 that head has a Zernike term, ``SWAN head alone`` (the embedding's leading columns, without the
-term: read off its vectors, so not timed); ``--ablations`` adds the recipe without its pose step and without its canonical density.
+term: read off its vectors, so not timed); ``--ablations`` adds the recipe without its pose
+step and without its canonical density.
 
     python benchmarks/bench_retrieval.py --corpus corpus_default --checkpoint bundled:swan \\
         --splits val test --seed 0 --experiment --json retrieval.json

@@ -187,9 +187,9 @@ def evaluate_checkpoints(paths, volumes_for, device: str = "auto", batch_size=4,
         for variant, scored in scores.items():
             label = f"{shown} ({variant})" if variant != name else shown
             # a single-level variant ("RQ2", the in-model "RQ1") decodes that level's codes only
-            used, fixed = ((None, None) if level_bits is None else
-                           (level_bits.get(variant.lower(), bits),
-                            fixed_bits.get(variant.lower(), sum(fixed_bits.values()))))
+            level = variant.lower()
+            used = None if level_bits is None else level_bits.get(level, bits)
+            fixed = None if fixed_bits is None else fixed_bits.get(level, sum(fixed_bits.values()))
             model_rows.append(_result(label, variant, name, path, loaded.checkpoint_id, scored,
                                       curves[variant], usage, bits=used, fixed_bits=fixed,
                                       seed=seed, recipe=recipe))

@@ -29,8 +29,9 @@ The recipe, for one 64³ preprocessed box:
    standardised over the head's training maps and weighted by λ, appended to the head's unit
    vector. The head leads on degraded copies; the invariants are exact where the head blurs fine
    differences (a map simulated again, a sub-assembly one peptide short). Together they match or
-   beat each alone on clean and degraded copies (docs/EXPLORER.md); λ was chosen by
-   cross-validation over the training structures.
+   beat each alone on clean and degraded copies, within the benchmarks' intervals; on maps
+   simulated again they are level with the invariants or behind them, depending on the draw
+   (docs/EXPLORER.md). λ was chosen by cross-validation over the training structures.
 
 ``Embedder`` holds a model and its head and names the recipe in ``version``: an index built
 with another version (or another head) is refused.
