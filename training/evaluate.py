@@ -243,20 +243,31 @@ def _result(label, variant, model, path, checkpoint_id, scored, curve, usage, **
 def coded_bits(model, volumes: np.ndarray, device, batch_size: int = 4) -> dict[str, float]:
     """Each quantized level's mean bits per map as a real stream of its code indices
     (``codecs.index_stream``), over ``volumes`` (N, D, H, W); continuous levels are left out."""
-    from napari_cryoswan.codecs import index_stream
+    sizes = {level: book.size for level, book in model.codebooks().items()}
+    return {level: mean_stream_bits(per_scale, sizes[level])
+            for level, per_scale in code_indices(model, volumes, device, batch_size).items()}
+
+
+def code_indices(model, volumes: np.ndarray, device, batch_size: int = 4) -> dict[str, list[np.ndarray]]:
+    """Each quantized level's code indices for ``volumes`` (N, D, H, W): level → per scale, an
+    int64 array (N, d, h, w). Continuous levels are left out."""
     from napari_cryoswan.engine import map_batches
 
-    sizes = {level: book.size for level, book in model.codebooks().items()}
     model = model.to(device).eval()
-    streams: dict[str, list[int]] = {}
-    for codes in map_batches(lambda x: model.encode(x).codes, volumes, device, batch_size):
-        for level, per_scale in codes.items():
-            if per_scale[0].is_floating_point():
-                continue
-            for b in range(len(per_scale[0])):
-                indices = np.concatenate([t[b].numpy().ravel() for t in per_scale])
-                streams.setdefault(level, []).append(8 * len(index_stream(indices, sizes[level])))
-    return {level: float(np.mean(bits)) for level, bits in streams.items()}
+    batches = map_batches(lambda x: model.encode(x).codes, volumes, device, batch_size)
+    return {level: [np.concatenate([b[level][s].numpy() for b in batches]).astype(np.int64)
+                    for s in range(len(per_scale))]
+            for level, per_scale in batches[0].items() if not per_scale[0].is_floating_point()}
+
+
+def mean_stream_bits(per_scale: list[np.ndarray], codebook_size: int) -> float:
+    """The mean size in bits of one level's ``codecs.index_stream`` per map, its scales in order.
+    Shape: per_scale, arrays (N, d, h, w)."""
+    from napari_cryoswan.codecs import index_stream
+
+    return float(np.mean([8 * len(index_stream(np.concatenate([codes[i].ravel() for codes in per_scale]),
+                                               codebook_size))
+                          for i in range(len(per_scale[0]))]))
 
 
 def _latent_bits(model, box: int) -> dict[str, int] | None:
