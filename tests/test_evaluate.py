@@ -166,12 +166,15 @@ def test_runs_that_differ_only_in_their_seed_are_summarised_as_mean_and_sd(tiny_
     from napari_cryoswan.checkpoint import save_checkpoint
     from napari_cryoswan.models.registry import build_model
 
-    def run(name, seed, step=10):
+    def run(name, seed, step=10, **timing):
         torch.manual_seed(seed)
         return str(save_checkpoint(tmp_path / f"{name}.pt", build_model("swan-rq1", preset="small"),
-                                   {"seed": seed, "step": step, "corpus_id": "c0"}))
+                                   {"seed": seed, "step": step, "corpus_id": "c0", **timing}))
 
-    paths = [run("s0", 0), run("s1", 1), run("s2", 2), run("longer", 3, step=20)]
+    # runs stopped by one time budget are seeds of one recipe, whatever step each reached
+    timed = {"time_budget": 480.0, "train_seconds": 480.5}
+    paths = [run("s0", 0), run("s1", 1), run("s2", 2), run("longer", 3, step=20),
+             run("t0", 0, step=285, **timed), run("t1", 1, step=287, **timed)]
     out = tmp_path / "report"
     assert main(["--checkpoints", *paths, "--corpus", str(tiny_corpus), "--out", str(out),
                  "--device", "cpu", "--codecs"]) == 0
@@ -179,7 +182,8 @@ def test_runs_that_differ_only_in_their_seed_are_summarised_as_mean_and_sd(tiny_
     psnr = [float(rows[f"s{s}: swan-rq1 (RQ1)"]["psnr"]) for s in range(3)]
     section = (out / "report.md").read_text().split("## Over seeds: mean ± s.d.")[1]
     summary = [line for line in section.splitlines() if line.startswith("| swan-rq1")]
-    assert len(summary) == 1  # the run of another step is not one of the seeds
+    assert len(summary) == 2  # the run of another step is not one of the seeds
     cells = [c.strip() for c in summary[0].split("|")[1:-1]]
-    assert cells[1] == "0, 1, 2"
-    assert cells[3] == f"{np.mean(psnr):.4g} ± {np.std(psnr, ddof=1):.2g}"
+    assert cells[1:3] == ["step 10", "0, 1, 2"]
+    assert cells[4] == f"{np.mean(psnr):.4g} ± {np.std(psnr, ddof=1):.2g}"
+    assert [c.strip() for c in summary[1].split("|")[2:4]] == ["480 s", "0, 1"]

@@ -99,6 +99,7 @@ def test_a_time_budget_ends_the_run_at_a_step_and_a_resume_with_more_time_goes_o
           progress=False)
     assert [int(r["step"]) for r in csv.DictReader(open(run / "train_log.csv"))] == [1, 2, 3, 4, 5]
     assert load_checkpoint(final).provenance["step"] == 5
+    assert load_checkpoint(final).provenance["time_budget"] == 4.5
     assert json.loads((run / "config.json").read_text())["time_budget"] == 4.5
     with pytest.raises(SystemExit):
         parse_args(["--model", "swan", "--corpus", str(tiny_corpus), "--out", "x", "--time-budget", "0"])

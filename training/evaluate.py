@@ -224,8 +224,11 @@ def _seed_and_recipe(loaded) -> tuple[int | None, str | None]:
     if provenance.get("seed") is None:
         return None, None
     config = getattr(loaded.model, "config", None)
+    # a run that its time budget stopped is defined by that budget, not by the step it reached
+    time_budget = provenance.get("time_budget")
+    stopped_by_time = time_budget is not None and provenance.get("train_seconds", 0) >= time_budget
     recipe = {"model": loaded.model.name, "config": repr(config), "corpus_id": provenance.get("corpus_id"),
-              "step": provenance.get("step")}
+              **({"time_budget": time_budget} if stopped_by_time else {"step": provenance.get("step")})}
     return int(provenance["seed"]), json.dumps(recipe, sort_keys=True)
 
 
@@ -384,8 +387,8 @@ def _seed_spread(results: list[ModelResult]) -> list[str]:
     if not groups:
         return []
     lines = ["## Over seeds: mean ± s.d.", "",
-             "| model | seeds | " + " | ".join(_column_title(c) for c in METRIC_COLUMNS) + " |",
-             "|---" * (len(METRIC_COLUMNS) + 2) + "|"]
+             "| model | budget | seeds | " + " | ".join(_column_title(c) for c in METRIC_COLUMNS) + " |",
+             "|---" * (len(METRIC_COLUMNS) + 3) + "|"]
     for rows in groups.values():
         cells = []
         for c in METRIC_COLUMNS:
@@ -395,9 +398,12 @@ def _seed_spread(results: list[ModelResult]) -> list[str]:
             else:
                 cells.append(f"{np.mean(values):.4g} ± {np.std(values, ddof=1):.2g}")
         name = f"{rows[0].model} ({rows[0].variant})" if rows[0].variant != rows[0].model else rows[0].model
-        lines.append(f"| {name} | {', '.join(str(r.seed) for r in rows)} | " + " | ".join(cells) + " |")
-    return lines + ["", "Rows of one recipe (the model's config, corpus and step) that differ only "
-                    "in their training seed; s.d. is the sample standard deviation.", ""]
+        recipe = json.loads(rows[0].recipe)
+        budget = f"{recipe['time_budget']:g} s" if "time_budget" in recipe else f"step {recipe['step']}"
+        lines.append(f"| {name} | {budget} | {', '.join(str(r.seed) for r in rows)} | " + " | ".join(cells) + " |")
+    return lines + ["", "Rows of one recipe (the model's config, the corpus, and the step it ended at or "
+                    "the training time that ended it) that differ only in their training seed; s.d. is "
+                    "the sample standard deviation.", ""]
 
 
 def _ablation(results: list[ModelResult]) -> list[str]:

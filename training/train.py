@@ -241,6 +241,8 @@ def train(settings: TrainSettings, progress: bool = True) -> Path:
     provenance = {"corpus": ", ".join(map(str, corpus_paths)), "corpus_id": corpus.corpus_id,
                   "preset": None if settings.init else settings.preset, "overrides": settings.overrides,
                   "seed": settings.seed, **init_provenance}
+    if settings.time_budget is not None:
+        provenance["time_budget"] = settings.time_budget
     if settings.input_snr:
         provenance.update(input_snr=list(settings.input_snr), train_only=settings.train_only)
     # The model learns the corpus's maps, so they are its input contract.
