@@ -96,7 +96,7 @@ def level_lengths(fit: list[np.ndarray], scored: list[np.ndarray], size: int,
 def main(argv=None) -> None:
     from _machine import run_line
     from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
-    from napari_cryoswan.codecs import index_width
+    from napari_cryoswan.codecs import latent_bits
     from napari_cryoswan.engine import choose_device
     from training.corpus import CorpusSet
     from training.evaluate import code_indices, mean_stream_bits
@@ -115,24 +115,23 @@ def main(argv=None) -> None:
     loaded = load_checkpoint(resolve_checkpoint(args.checkpoint))
     model = loaded.model.to(device).eval()
     sizes = {level: book.size for level, book in model.codebooks().items()}
+    fixed_bits = latent_bits(model, loaded.contract.box)
     corpus = CorpusSet([args.corpus])
-    indices = {split: code_indices(model, corpus.load_batch(chosen), device)
-               for split, chosen in (("train", corpus.split_indices("train")[:args.fit_maps]),
-                                     ("val", corpus.split_indices("val")),
-                                     (args.split, corpus.split_indices(args.split)))}
+    chosen = {"train": corpus.split_indices("train")[:args.fit_maps], "val": corpus.split_indices("val"),
+              args.split: corpus.split_indices(args.split)}
+    indices = {split: code_indices(model, corpus.load_batch(ids), device) for split, ids in chosen.items()}
     print(f"# Ideal lengths of the code indices\n\n{run_line()}\ncheckpoint {args.checkpoint} "
           f"(id {loaded.checkpoint_id}); corpus {args.corpus} (id {corpus.corpus_id}); frequencies "
-          f"from {len(indices['train'][next(iter(sizes))][0])} training maps; {args.split} split: "
-          f"{len(indices[args.split][next(iter(sizes))][0])} maps\n")
+          f"from {len(chosen['train'])} training maps; {args.split} split: {len(chosen[args.split])} maps\n")
     print("| level | fixed | stream (LZMA or packed) | per-scale frequencies | parent-conditioned (α) |")
     print("|---|---|---|---|---|")
     totals = np.zeros(4)
     for level, scored in indices[args.split].items():
         fit, size = indices["train"][level], sizes[level]
-        alpha = min(args.alphas, key=lambda a: level_lengths(fit, indices["val"][level], size, [a])["parent"][a])
+        on_val = level_lengths(fit, indices["val"][level], size, args.alphas)["parent"]
+        alpha = min(on_val, key=on_val.get)
         lengths = level_lengths(fit, scored, size, [alpha])
-        fixed = sum(codes[0].size for codes in scored) * index_width(size)
-        row = np.array([fixed, mean_stream_bits(scored, size), lengths["per_scale"],
+        row = np.array([fixed_bits[level], mean_stream_bits(scored, size), lengths["per_scale"],
                         lengths["parent"][alpha]])
         totals += row
         print(f"| {level} | {row[0]:,.0f} | {row[1]:,.0f} | {row[2]:,.0f} | {row[3]:,.0f} ({alpha:g}) |")
