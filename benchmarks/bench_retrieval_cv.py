@@ -27,6 +27,10 @@ splits of ``bench_retrieval.py`` stay the test of that.
     python benchmarks/bench_retrieval_cv.py --corpus corpus_default corpus_assemblies \\
         --checkpoint bundled:swan --views-cache views.npz --experiment --json retrieval_cv.json
 
+``--invariants-as-inputs 1 4`` adds heads fitted with the descriptor's values among their inputs
+(its columns once, or four times so that they weigh more against the 320 shell features): the
+early fusion that step 5's late fusion was chosen over.
+
 ``--descriptor-weight 0.5 1 2 3 5 10`` measures the embedding at several weights of its Zernike
 term in one run (the sweep that chose λ, docs/EXPLORER.md). ``--views-cache`` is
 ``train_embedding``'s cache of encoded views (the same key), so a cache from
@@ -88,8 +92,6 @@ def experiment_views(corpus, indices, embedder, args) -> tuple[np.ndarray, dict]
 
 
 def run(args) -> dict:
-    import torch
-
     from napari_cryoswan.checkpoint import load_checkpoint, resolve_checkpoint
     from napari_cryoswan.embedding import DESCRIPTOR, DescriptorTerm, Embedder
     from training.corpus import CorpusSet
@@ -111,8 +113,9 @@ def run(args) -> dict:
     np.random.default_rng(args.seed).shuffle(structures)
     folds = [np.flatnonzero(np.isin(groups, part)) for part in np.array_split(structures, args.folds)]
     fused = {embedding_row(w, k): w for k, w in enumerate(args.descriptor_weight)}
+    fed = {fed_row(r): r for r in args.invariants_as_inputs}
     collected = {name: {"clean": [], "hard": [], "experiment": []}
-                 for name in [*DESCRIPTORS, "SWAN shells", HEAD_ALONE, *fused]}
+                 for name in [*DESCRIPTORS, "SWAN shells", HEAD_ALONE, *fused, *fed]}
     experiment_queries = []
     zernike = next(name for name, function in DESCRIPTORS.items() if function == DESCRIPTOR)
     for number, held in enumerate(folds, start=1):
@@ -127,8 +130,15 @@ def run(args) -> dict:
                    for name, v in described.items()}
         other_features = None if experiment is None else experiment["features"][others]
         vectors["SWAN shells"] = tuple(standardised(features[held, 0], features[held, 1], other_features))
-        vectors[HEAD_ALONE] = tuple(None if f is None else head.apply(torch.from_numpy(f))
-                                    for f in (features[held, 0], features[held, 1], other_features))
+        vectors[HEAD_ALONE] = head_vectors(head, features[held, 0], features[held, 1], other_features)
+        # Early fusion: a head fitted on the shell features followed by the invariants.
+        for name, repeats in fed.items():
+            inputs = np.concatenate([features, np.tile(described[zernike], repeats)], axis=2).astype(np.float32)
+            fed_head = fit_head(inputs[rest].reshape(2 * len(rest), -1), np.repeat(entries[rest], 2),
+                                autoencoder_id=loaded.checkpoint_id, steps=args.steps, seed=args.seed)
+            other_inputs = None if experiment is None else np.concatenate(
+                [other_features, np.tile(experiment[zernike][others], repeats)], axis=1).astype(np.float32)
+            vectors[name] = head_vectors(fed_head, inputs[held, 0], inputs[held, 1], other_inputs)
         # Step 5, standardised over the clean maps of the folds the head was fitted on.
         for name, weight in fused.items():
             term = DescriptorTerm.fitted(described[zernike][rest, 0], weight)
@@ -159,6 +169,19 @@ def run(args) -> dict:
             "entries_of_experiment_queries": np.concatenate(experiment_queries).tolist()}
 
 
+def head_vectors(head, clean, degraded, other) -> tuple:
+    """A head's vectors of a fold's clean maps, their degraded copies and the maps simulated
+    again (None where there are none)."""
+    import torch
+
+    return tuple(None if f is None else head.apply(torch.from_numpy(f)) for f in (clean, degraded, other))
+
+
+def fed_row(repeats: int) -> str:
+    """The row of a head fitted with the invariants among its inputs, their columns ``repeats`` times."""
+    return "head fed the invariants" + ("" if repeats == 1 else f", columns ×{repeats}")
+
+
 def embedding_row(weight: float, position: int) -> str:
     """The row of the embedding at one λ: the first weight given is the one compared with the
     descriptors, under the name the comparison reads."""
@@ -169,7 +192,8 @@ def misses_table(result: dict) -> str:
     """Top-1 misses of the head alone, of the embedding at each λ and of the Zernike term's
     descriptor alone."""
     shown = (HEAD_ALONE, result["descriptor"])
-    rows = [r for r in result["rows"] if r["method"] in shown or r["method"].startswith("SWAN embedding")]
+    rows = [r for r in result["rows"] if r["method"] in shown
+            or r["method"].startswith(("SWAN embedding", "head fed the invariants"))]
     forms = [f for f in ("clean", "hard", "experiment") if f"{f}_hits" in rows[0]]
     lines = ["| method | " + " | ".join(f"{f} misses (of {len(rows[0][f'{f}_hits'])})" for f in forms) + " |",
              "|---" * (len(forms) + 1) + "|"]
@@ -192,6 +216,10 @@ def main(argv=None) -> int:
     p.add_argument("--descriptor-weight", type=float, nargs="+", default=[DESCRIPTOR_WEIGHT], metavar="λ",
                    help=f"λ of the embedding's Zernike term (default: the recipe's, {DESCRIPTOR_WEIGHT}); "
                         "several: a row for each, the first compared with the descriptors")
+    p.add_argument("--invariants-as-inputs", type=int, nargs="*", default=[], metavar="R",
+                   help="also a head fitted on the shell features followed by the Zernike invariants, "
+                        "their columns repeated R times (early fusion instead of step 5's late fusion); "
+                        "a row for each R")
     add_experiment_arguments(p, "also each single protein and sub-assembly simulated again from its atomic model")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
