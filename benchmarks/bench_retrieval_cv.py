@@ -112,12 +112,14 @@ def run(args) -> dict:
     structures = np.unique(groups)
     np.random.default_rng(args.seed).shuffle(structures)
     folds = [np.flatnonzero(np.isin(groups, part)) for part in np.array_split(structures, args.folds)]
+    zernike = next(name for name, function in DESCRIPTORS.items() if function == DESCRIPTOR)
     fused = {embedding_row(w, k): w for k, w in enumerate(args.descriptor_weight)}
-    fed = {fed_row(r): r for r in args.invariants_as_inputs}
+    # Early fusion: each map's shell features followed by the invariants, their columns R times.
+    fed = {fed_row(r): (r, np.concatenate([features, np.tile(described[zernike], r)], axis=2).astype(np.float32))
+           for r in args.invariants_as_inputs}
     collected = {name: {"clean": [], "hard": [], "experiment": []}
                  for name in [*DESCRIPTORS, "SWAN shells", HEAD_ALONE, *fused, *fed]}
     experiment_queries = []
-    zernike = next(name for name, function in DESCRIPTORS.items() if function == DESCRIPTOR)
     for number, held in enumerate(folds, start=1):
         rest = np.setdiff1d(np.arange(len(indices)), held)
         start = time.perf_counter()
@@ -131,9 +133,7 @@ def run(args) -> dict:
         other_features = None if experiment is None else experiment["features"][others]
         vectors["SWAN shells"] = tuple(standardised(features[held, 0], features[held, 1], other_features))
         vectors[HEAD_ALONE] = head_vectors(head, features[held, 0], features[held, 1], other_features)
-        # Early fusion: a head fitted on the shell features followed by the invariants.
-        for name, repeats in fed.items():
-            inputs = np.concatenate([features, np.tile(described[zernike], repeats)], axis=2).astype(np.float32)
+        for name, (repeats, inputs) in fed.items():
             fed_head = fit_head(inputs[rest].reshape(2 * len(rest), -1), np.repeat(entries[rest], 2),
                                 autoencoder_id=loaded.checkpoint_id, steps=args.steps, seed=args.seed)
             other_inputs = None if experiment is None else np.concatenate(
@@ -177,9 +177,12 @@ def head_vectors(head, clean, degraded, other) -> tuple:
     return tuple(None if f is None else head.apply(torch.from_numpy(f)) for f in (clean, degraded, other))
 
 
+FED_HEAD = "head fed the invariants"
+
+
 def fed_row(repeats: int) -> str:
     """The row of a head fitted with the invariants among its inputs, their columns ``repeats`` times."""
-    return "head fed the invariants" + ("" if repeats == 1 else f", columns ×{repeats}")
+    return FED_HEAD + ("" if repeats == 1 else f", columns ×{repeats}")
 
 
 def embedding_row(weight: float, position: int) -> str:
@@ -189,11 +192,11 @@ def embedding_row(weight: float, position: int) -> str:
 
 
 def misses_table(result: dict) -> str:
-    """Top-1 misses of the head alone, of the embedding at each λ and of the Zernike term's
-    descriptor alone."""
+    """Top-1 misses of the head alone, of the embedding at each λ, of the heads fed the invariants
+    and of the Zernike term's descriptor alone."""
     shown = (HEAD_ALONE, result["descriptor"])
     rows = [r for r in result["rows"] if r["method"] in shown
-            or r["method"].startswith(("SWAN embedding", "head fed the invariants"))]
+            or r["method"].startswith(("SWAN embedding", FED_HEAD))]
     forms = [f for f in ("clean", "hard", "experiment") if f"{f}_hits" in rows[0]]
     lines = ["| method | " + " | ".join(f"{f} misses (of {len(rows[0][f'{f}_hits'])})" for f in forms) + " |",
              "|---" * (len(forms) + 1) + "|"]
