@@ -709,12 +709,29 @@ def test_the_swan_presets_train_the_approximation_design():
 
 @pytest.mark.parametrize("name", ["swan", "swan-rq1", "vq", "rq", "var", "hq"])
 def test_presets_switch_on_codebooks_that_live(name):
-    presets = ["small", "full"] + (["cpu"] if name.startswith("swan") else [])
-    for preset in presets:
+    for preset in ("small", "cpu", "full"):
         config = model_config(name, preset)
         assert config["dead_ema"] == 0.99 and config["kmeans_after"] == 100, preset
         if name in ("swan", "swan-rq1", "var"):
             assert config["phi_mix"] == 0.5 and config["phi_shared"] == 4, preset
+
+
+@pytest.mark.parametrize("name", ["vq", "rq", "var", "hq"])
+def test_the_quantized_baselines_have_the_bundled_models_size_at_the_cpu_preset(name):
+    """Table 1 at the bundled size compares backbones of one width: the single-level baselines
+    take the RQ1-only ablation's stages, HQ-VAE's three stages take Cryo-SWAN's."""
+    config = model_config(name, "cpu")
+    like = model_config("swan" if name == "hq" else "swan-rq1", "cpu")
+    backbone = ("widths", "blocks", "code_dim", "codebook_size")
+    assert {k: config[k] for k in backbone} == {k: like[k] for k in backbone}
+    assert config["codebook_size"] == PAPER_CODEBOOK_SIZE
+    torch.manual_seed(0)
+    model = build_model(name, preset="cpu").eval()
+    x = torch.randn(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        assert model(x).recon.shape == x.shape
+    with pytest.raises(ValueError, match="unknown preset"):  # the VAEs have no codes to size
+        model_config("drgn-vae", "cpu")
 
 
 def test_a_config_saved_before_these_fields_rebuilds_the_legacy_quantizer():

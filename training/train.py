@@ -100,8 +100,8 @@ def parse_args(argv=None) -> TrainSettings:
     p.add_argument("--out", required=True, help="the run folder to write")
     d = dataclass_defaults(TrainSettings)
     p.add_argument("--preset", default=d["preset"], choices=PRESETS,
-                   help="model size: 'full' (the paper's codebook of 4096; a GPU's work), 'cpu' (swan and "
-                        "swan-rq1 only: the bundled checkpoints) or 'small' (tests, CPU demos)")
+                   help="model size: 'full' (the paper's codebook of 4096; a GPU's work), 'cpu' (the bundled "
+                        "checkpoints' size; every model but the VAEs) or 'small' (tests, CPU demos)")
     p.add_argument("--steps", type=int, default=d["steps"], help="optimiser steps in all (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"],
                    help="global batch, split across ranks (default %(default)s)")

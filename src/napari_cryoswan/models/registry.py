@@ -2,8 +2,9 @@
 
 Every name has a ``full`` preset (the configuration to train on a GPU; a 64³ Cryo-SWAN
 reconstruction takes under 1 s on a 2-core CPU) and a ``small`` one (tiny widths and codebooks,
-for tests and CPU demos). Cryo-SWAN and its ablation also have ``cpu``, what a 2-core CPU trains
-in about an hour. Keyword overrides replace single fields of a preset.
+for tests and CPU demos). Cryo-SWAN and the quantized baselines also have ``cpu``: the bundled
+checkpoints' widths and 4,096 codes, so a baseline can be compared at the bundled size. Keyword
+overrides replace single fields of a preset.
 
     model = build_model("swan", preset="small", codebook_size=256)
     clone = build_from_config(model.config_dict())
@@ -51,6 +52,8 @@ _SMALL_VQ = {"widths": (8, 16), "blocks": 1, "code_dim": 8, "codebook_size": 128
 # 4096 codes per level (a training step at batch 4 costs about 1.2× the step with 1024 codes,
 # docs/MODELS.md).
 _CPU_SWAN = {"widths": (16, 64, 128), "blocks": 1, "code_dim": 16, "codebook_size": PAPER_CODEBOOK_SIZE}
+# The single-level baselines at that size: the RQ1-only ablation's two stages (64³ → 16³).
+_CPU_SINGLE = {**_CPU_SWAN, "widths": _CPU_SWAN["widths"][:2]}
 
 # name → (model class, config class, preset name → config fields)
 _REGISTRY: dict[str, tuple[type[Autoencoder], type, dict[str, dict]]] = {
@@ -64,18 +67,22 @@ _REGISTRY: dict[str, tuple[type[Autoencoder], type, dict[str, dict]]] = {
         "small": {"scales": (RQ1_SCALES,), **_SMALL_VQ, **_SWAN},
         "cpu": {**_CPU_SWAN, "scales": (RQ1_SCALES,), "widths": _CPU_SWAN["widths"][:2], **_SWAN},
     }),
-    "vq": (VQVAE, SingleLevelConfig, {"full": _LIVE, "small": {**_SMALL_VQ, **_LIVE}}),
+    "vq": (VQVAE, SingleLevelConfig, {"full": _LIVE, "small": {**_SMALL_VQ, **_LIVE},
+                                      "cpu": {**_CPU_SINGLE, **_LIVE}}),
     "rq": (RQVAE, SingleLevelConfig, {
         "full": {"scales": (16,) * RQ_DEPTH, **_LIVE},
         "small": {"scales": (16,) * RQ_DEPTH, **_SMALL_VQ, **_LIVE},
+        "cpu": {"scales": (16,) * RQ_DEPTH, **_CPU_SINGLE, **_LIVE},
     }),
     "var": (MultiScaleVQVAE, SingleLevelConfig, {
         "full": {"scales": VAR_SCALES, "refine": True, **_SWAN},
         "small": {"scales": VAR_SCALES, "refine": True, **_SMALL_VQ, **_SWAN},
+        "cpu": {"scales": VAR_SCALES, "refine": True, **_CPU_SINGLE, **_SWAN},
     }),
     "hq": (HQVAE, HQConfig, {
         "full": _LIVE,
         "small": {"widths": (8, 16, 32), "blocks": 1, "code_dim": 8, "codebook_size": 128, **_LIVE},
+        "cpu": {**_CPU_SWAN, **_LIVE},
     }),
     "drgn-vae": (DrgnVAE, DrgnConfig, {
         "full": {},
@@ -90,7 +97,7 @@ _REGISTRY: dict[str, tuple[type[Autoencoder], type, dict[str, dict]]] = {
 }
 
 MODEL_NAMES = tuple(_REGISTRY)
-PRESETS = ("small", "cpu", "full")  # "cpu": Cryo-SWAN and its RQ1 ablation only
+PRESETS = ("small", "cpu", "full")  # "cpu": Cryo-SWAN, its RQ1 ablation and the quantized baselines
 
 
 def model_config(name: str, preset: str = "full", **overrides) -> dict:
