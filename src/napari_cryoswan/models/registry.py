@@ -52,7 +52,7 @@ _SMALL_VQ = {"widths": (8, 16), "blocks": 1, "code_dim": 8, "codebook_size": 128
 # 4096 codes per level (a training step at batch 4 costs about 1.2× the step with 1024 codes,
 # docs/MODELS.md).
 _CPU_SWAN = {"widths": (16, 64, 128), "blocks": 1, "code_dim": 16, "codebook_size": PAPER_CODEBOOK_SIZE}
-# The single-level baselines at that size: the RQ1-only ablation's two stages (64³ → 16³).
+# One level at that size (the RQ1-only ablation and the single-level baselines): two stages, 64³ → 16³.
 _CPU_SINGLE = {**_CPU_SWAN, "widths": _CPU_SWAN["widths"][:2]}
 
 # name → (model class, config class, preset name → config fields)
@@ -65,7 +65,7 @@ _REGISTRY: dict[str, tuple[type[Autoencoder], type, dict[str, dict]]] = {
     "swan-rq1": (CryoSwan, SwanConfig, {
         "full": {"scales": (RQ1_SCALES,), "widths": (32, 128), **_SWAN},
         "small": {"scales": (RQ1_SCALES,), **_SMALL_VQ, **_SWAN},
-        "cpu": {**_CPU_SWAN, "scales": (RQ1_SCALES,), "widths": _CPU_SWAN["widths"][:2], **_SWAN},
+        "cpu": {**_CPU_SINGLE, "scales": (RQ1_SCALES,), **_SWAN},
     }),
     "vq": (VQVAE, SingleLevelConfig, {"full": _LIVE, "small": {**_SMALL_VQ, **_LIVE},
                                       "cpu": {**_CPU_SINGLE, **_LIVE}}),
