@@ -23,6 +23,7 @@ from napari_cryoswan.embedding import (
     principal_pose,
     save_head,
     shell_features,
+    shells_for,
 )
 from napari_cryoswan.preprocess import rotate
 from training import train_embedding
@@ -164,6 +165,21 @@ def test_shell_features_are_each_shells_mean_then_its_spread():
     expected = np.ravel([[m, 2.0] for m in means] + [[s, 0.0] for s in spreads])
     assert np.allclose(features, expected, atol=1e-5)
     assert all(np.diff(means) > 0)  # outer shells lie farther out
+
+
+def test_a_latent_is_pooled_by_its_grid_size_whatever_its_level_is_called():
+    # One pooling per grid: a baseline's single 16³ latent gets the 6 shells of Cryo-SWAN's 16³ RQ1.
+    assert [shells_for(size) for size in (2, 4, 8, 16, 32)] == [1, 2, 4, 6, 6]
+    latent = np.random.default_rng(0).normal(size=(1, 3, 16, 16, 16)).astype(np.float32)
+    for level in ("rq1", "latent", "bottom"):
+        assert shell_features(_FixedLatents(**{level: latent}), None).shape == (1, 2 * 3 * 6)
+
+
+def test_a_head_fitted_on_other_features_says_to_train_it_again():
+    features, labels = _labelled_features()
+    head = train_embedding.fit_head(features, labels, autoencoder_id="x", steps=2)
+    with pytest.raises(EmbeddingError, match="fitted on 20 latent features.*gives 24.*train the head again"):
+        head.apply(torch.zeros(2, 24))
 
 
 def _labelled_features(seed: int = 0):

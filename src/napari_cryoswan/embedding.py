@@ -17,9 +17,10 @@ The recipe, for one 64³ preprocessed box:
    encoder's positional encoding makes its features depend on where density lies, so without
    this a rotated copy looks like another map.
 3. **Shell pooling** (``shell_features``): each level's continuous latent, pooled over
-   concentric shells about the box centre (6 shells at 16³, 4 at 8³) by its mean and its
-   standard deviation: invariant to any pose error left about the centre, it still keeps where
-   density lies radially, and the spread says how varied the latent is within a shell.
+   concentric shells about the box centre (6 shells at 16³, 4 at 8³, by grid size whatever the
+   model) by its mean and its standard deviation: invariant to any pose error left about the
+   centre, it still keeps where density lies radially, and the spread says how varied the latent
+   is within a shell.
 4. **Invariance head** (``EmbeddingHead``, optional): a small MLP trained on the training
    corpus's rotated and degraded copies with a supervised contrastive loss
    (``training.train_embedding``), so that copies of one map land close and other maps far.
@@ -51,12 +52,13 @@ from .preprocess import distance_from_centre, inscribed_sphere, zscored
 # 5: the Zernike term; 4: the inscribed sphere; 3: oligomers posed by their harmonic; 2: shells
 # pooled by mean and s.d.
 RECIPE = "pose-shells-zernike-5"
-FEATURES_RECIPE = "pose-shells-4"  # steps 1-3 (the encoded shell features): unchanged since recipe 4
+# steps 1-3 (the encoded shell features); 5: shells counted by grid size (Cryo-SWAN's unchanged)
+FEATURES_RECIPE = "pose-shells-5"
 DESCRIPTOR = "zernike_prefiltered_sphere"  # step 5, a name of descriptors.describe_boxes
 DESCRIPTOR_WEIGHT = 3.0  # λ: the fewest misses over clean, hard and re-simulated maps in CV
 PREFILTER_SIGMA = 1.5  # voxels
 CONTOUR_SDS = 1.0  # density kept above mean + this many s.d.
-SHELLS = {"rq1": 6, "rq2": 4}  # shells per level; levels not listed use 4
+MAX_SHELLS = 6
 HEAD_FORMAT = "cryoswan-embedding-head"
 HEAD_SUFFIX = ".embedding.pt"
 
@@ -170,10 +172,17 @@ def shell_features(model, x_B1dhw):
     parts = []
     for name in sorted(latents):
         z_BCdhw = latents[name].float()
-        shell_index = _shell_index(z_BCdhw.shape[-1], SHELLS.get(name, 4)).to(z_BCdhw.device)
+        size = z_BCdhw.shape[-1]
+        shell_index = _shell_index(size, shells_for(size)).to(z_BCdhw.device)
         shells = [z_BCdhw[..., shell_index == shell] for shell in range(int(shell_index.max()) + 1)]
         parts += [z_BCk.mean(-1) for z_BCk in shells] + [z_BCk.std(-1) for z_BCk in shells]
     return torch.cat(parts, 1)
+
+
+def shells_for(size: int) -> int:
+    """How many shells pool a size³ latent: one per voxel of radius, at most ``MAX_SHELLS``
+    (16³ → 6, 8³ → 4), whichever model made it, so that one grid gets one pooling."""
+    return max(1, min(MAX_SHELLS, size // 2))
 
 
 def _shell_index(size: int, shells: int):
@@ -252,6 +261,10 @@ class EmbeddingHead:
 
         mean = torch.as_tensor(self.feature_mean, device=features_BF.device)
         std = torch.as_tensor(self.feature_std, device=features_BF.device)
+        if features_BF.shape[1] != len(self.feature_mean):
+            raise EmbeddingError(f"this embedding head was fitted on {len(self.feature_mean)} latent features and "
+                                 f"the autoencoder gives {features_BF.shape[1]}: train the head again with "
+                                 "python -m training.train_embedding.")
         standardised = (features_BF - mean) / std
         if self.state_dict is None:
             return standardised.cpu().numpy()
