@@ -334,7 +334,8 @@ def nearest(embeddings_ND: np.ndarray, query_D: np.ndarray, k: int,
     query_D = np.asarray(query_D, np.float32).reshape(-1)
     if embeddings_ND.ndim != 2 or query_D.shape[0] != embeddings_ND.shape[1]:
         raise LatentIndexError(f"A query of dimension {query_D.shape[0]} against embeddings of "
-                               f"shape {embeddings_ND.shape}.")
+                               f"shape {embeddings_ND.shape}: the index was built with another embedding. "
+                               f"Rebuild it for this checkpoint into a new folder: {BUILD_COMMAND}")
     difference_ND = embeddings_ND - query_D
     distances_N = np.sqrt(np.einsum("nd,nd->n", difference_ND, difference_ND))
     if len(exclude):
