@@ -172,9 +172,9 @@ def shell_features(model, x_B1dhw):
     parts = []
     for name in sorted(latents):
         z_BCdhw = latents[name].float()
-        size = z_BCdhw.shape[-1]
-        shell_index = _shell_index(size, shells_for(size)).to(z_BCdhw.device)
-        shells = [z_BCdhw[..., shell_index == shell] for shell in range(int(shell_index.max()) + 1)]
+        count = shells_for(z_BCdhw.shape[-1])
+        shell_index = _shell_index(z_BCdhw.shape[-1], count).to(z_BCdhw.device)
+        shells = [z_BCdhw[..., shell_index == shell] for shell in range(count)]
         parts += [z_BCk.mean(-1) for z_BCk in shells] + [z_BCk.std(-1) for z_BCk in shells]
     return torch.cat(parts, 1)
 
@@ -259,12 +259,12 @@ class EmbeddingHead:
     def apply(self, features_BF) -> np.ndarray:
         import torch
 
-        mean = torch.as_tensor(self.feature_mean, device=features_BF.device)
-        std = torch.as_tensor(self.feature_std, device=features_BF.device)
         if features_BF.shape[1] != len(self.feature_mean):
             raise EmbeddingError(f"this embedding head was fitted on {len(self.feature_mean)} latent features and "
                                  f"the autoencoder gives {features_BF.shape[1]}: train the head again with "
                                  "python -m training.train_embedding.")
+        mean = torch.as_tensor(self.feature_mean, device=features_BF.device)
+        std = torch.as_tensor(self.feature_std, device=features_BF.device)
         standardised = (features_BF - mean) / std
         if self.state_dict is None:
             return standardised.cpu().numpy()
